@@ -1,0 +1,115 @@
+"""Launching one family kernel over many tensors at once.
+
+A step over ResNet-50's 161 tensors must not cost 161 launches: each launch
+costs microseconds on the host and, on PoCL, a fork/join of the worker
+threads. The family kernels therefore take up to ``k_max`` tensors each
+(bounded by the device's argument-size limit) and a chunk table that gives
+every work-group one (tensor, start, count) row. The table depends only on the
+tensors' lengths, so it is built once per layout and reused every step.
+"""
+
+import numpy as np
+import pyopencl as cl
+
+# Work-items per work-group and elements per work-group row. One row moves
+# 16384 elements (64 KiB per float32 buffer): big enough that per-group overhead
+# vanishes, small enough that a 2-core CPU or a GPU gets many rows to share.
+LOCAL_SIZE = 64
+CHUNK = 16384
+_MAX_SLOTS = 32
+_UINT_LIMIT = 2**32 - CHUNK
+
+
+def vector_width(device, dtype):
+    """Elements per explicit vector in the kernel body.
+
+    CPU devices get 64-byte vectors (a cache line; PoCL does not widen scalar
+    code with sqrt by itself); GPUs get 16-byte vectors, which coalesce well.
+    """
+    vector_bytes = 64 if device.type & cl.device_type.CPU else 16
+    return vector_bytes // np.dtype(dtype).itemsize
+
+
+def slot_counts(device, n_state, n_scalars):
+    """The tensor counts kernels are rendered for, largest first.
+
+    A kernel takes 2 + n_state pointers and two uint offsets per tensor; the
+    device caps the total argument size (1 KiB on PoCL). Powers of two below the
+    maximum keep the number of distinct builds small whatever the model.
+    """
+    pointer = device.address_bits // 8
+    per_tensor = (2 + n_state) * pointer + 2 * 8  # offsets counted padded to 8 bytes
+    budget = device.max_parameter_size - pointer - 8 * n_scalars
+    k_max = max(1, min(_MAX_SLOTS, budget // per_tensor))
+    counts = [k_max]
+    k = 1
+    while k < k_max:
+        counts.append(k)
+        k *= 2
+    return sorted(set(counts), reverse=True)
+
+
+def _chunk_rows(lengths):
+    rows = []
+    for k, n in enumerate(lengths):
+        for start in range(0, n, CHUNK):
+            rows.append((k, start, min(CHUNK, n - start)))
+    return np.asarray(rows, dtype=np.uint32).reshape(-1, 3)
+
+
+class Launch:
+    """One kernel launch: which tensors, how many kernel slots, its chunk table."""
+
+    __slots__ = ("indices", "slots", "table", "n_rows")
+
+    def __init__(self, context, indices, slots, lengths):
+        self.indices = indices
+        self.slots = slots
+        rows = _chunk_rows(lengths)
+        self.n_rows = len(rows)
+        self.table = None
+        if self.n_rows:
+            self.table = cl.Buffer(
+                context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=rows)
+
+
+def plan(context, lengths, slot_choices):
+    """Split tensors of the given lengths into launches.
+
+    Empty tensors need no work and get no launch. Full launches use the largest
+    slot count; the remainder uses the smallest rendered count that holds it.
+    """
+    for n in lengths:
+        if n >= _UINT_LIMIT:
+            raise ValueError(
+                f"a tensor of {n} elements is too large: netcl indexes tensors with 32-bit offsets")
+    todo = [i for i, n in enumerate(lengths) if n > 0]
+    k_max = slot_choices[0]
+    launches = []
+    for begin in range(0, len(todo), k_max):
+        part = todo[begin:begin + k_max]
+        slots = min(k for k in slot_choices if k >= len(part))
+        launches.append(Launch(context, part, slots, [lengths[i] for i in part]))
+    return launches
+
+
+def element_offset(array):
+    offset = array.offset // array.dtype.itemsize
+    if offset >= _UINT_LIMIT:
+        raise ValueError("an array's offset into its buffer exceeds 32-bit indexing")
+    return offset
+
+
+def enqueue(queue, kernel, launch, tensor_args, scalars):
+    """Enqueue one launch; ``tensor_args[i]`` are the kernel arguments of tensor i.
+
+    Unused slots repeat the last tensor's arguments: the chunk table never
+    points at them, so they are never read.
+    """
+    args = []
+    for i in launch.indices:
+        args.extend(tensor_args[i])
+    args.extend(tensor_args[launch.indices[-1]] * (launch.slots - len(launch.indices)))
+    args.append(launch.table)
+    args.extend(scalars)
+    return kernel(queue, (launch.n_rows * LOCAL_SIZE,), (LOCAL_SIZE,), *args)

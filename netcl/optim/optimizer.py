@@ -1,0 +1,443 @@
+"""The Optimizer base: parameter groups, lazily allocated device state,
+multi-tensor kernel dispatch and ``state_dict``.
+
+An algorithm family subclasses :class:`Optimizer` and describes itself with a
+few hooks (which template, which state buffers, which structural flags and
+which hyperparameter arguments); everything else — validation, state,
+dispatch, checkpoints — lives here once.
+"""
+
+import math
+from collections.abc import Mapping, Set
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+
+from netcl import _kernels
+from netcl.optim import _multi_tensor
+
+
+def _describe(index, name):
+    return f"parameter {index}" + (f" ({name!r})" if name is not None else "")
+
+
+def check_non_negative(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0 \
+            or math.isinf(value):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
+
+
+def check_unit_interval(name, value, *, upper_open=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+            0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"Invalid {name} value: {value!r} (must lie in {interval})")
+
+
+def check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+class Optimizer:
+    """Base class of the netcl optimizers, modelled on ``torch.optim.Optimizer``.
+
+    ``params`` is an iterable of parameters (objects with ``.data``, a
+    C-contiguous float ``pyopencl.array.Array``, and ``.grad``, ``None`` or an
+    Array like ``.data``), of ``(name, parameter)`` pairs, or of dicts
+    ``{'params': [...], <hyperparameter>: value}`` defining parameter groups
+    whose missing hyperparameters come from ``defaults``.
+
+    State is allocated on the device at a parameter's first step with a
+    gradient and kept in ``self.state``, a dict keyed by ``id(parameter)``.
+    All parameters must live in one OpenCL context; kernels are enqueued on the
+    first parameter's queue (or a new queue on its context) and a step never
+    waits for the device.
+
+    Subclasses define ``template``, ``scalar_names`` and the hooks
+    ``_validate_group``, ``_state_names``, ``_initial_state``,
+    ``_kernel_flags`` and ``_scalar_args``.
+    """
+
+    template = None
+    scalar_names = ()
+
+    def __init__(self, params, defaults):
+        self.defaults = dict(defaults)
+        self._validate_group(self.defaults)
+        self.state = {}
+        self.param_groups = []
+        self._context = None
+        self._queue = None
+        self._plans = {}
+
+        if isinstance(params, (cla.Array, Set)) or not hasattr(params, "__iter__"):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of parameters "
+                f"or dicts, but got {type(params).__name__}")
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], Mapping) else [{"params": params}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # ----------------------------------------------------------- param groups
+    def add_param_group(self, param_group):
+        """Add a group ``{'params': [...], hyperparameter: value, ...}``.
+
+        Rejects sets (their order changes between runs), empty groups,
+        duplicates within the group, parameters already in another group and
+        invalid hyperparameters; nothing is added when any check fails.
+        """
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("param_group has no 'params' entry")
+        params = param_group["params"]
+        if isinstance(params, Set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of parameters in sets will change between runs. Please use a list "
+                "instead.")
+        if hasattr(params, "data") and not isinstance(params, (list, tuple)):
+            params = [params]
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+
+        names = None
+        if all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+            names = [name for name, _ in params]
+            params = [p for _, p in params]
+        elif any(isinstance(p, tuple) for p in params):
+            raise TypeError("params must be all parameters or all (name, parameter) pairs")
+
+        base = len(self._all_params())
+        context = self._context
+        for offset, p in enumerate(params):
+            where = _describe(base + offset, names[offset] if names else None)
+            context = self._check_param(p, where, context)
+
+        ids = [id(p) for p in params]
+        if len(set(ids)) != len(ids):
+            raise ValueError("optimizer contains a parameter group with duplicate parameters")
+        existing = {id(p) for p in self._all_params()}
+        if existing.intersection(ids):
+            raise ValueError("some parameters appear in more than one parameter group")
+        if names is not None:
+            taken = {n for g in self.param_groups for n in g.get("param_names", ())}
+            if len(set(names)) != len(names) or taken.intersection(names):
+                raise ValueError("parameter names must be unique across all groups")
+        elif any("param_names" in g for g in self.param_groups):
+            raise ValueError("all parameter groups must be named if any is")
+
+        group = {key: value for key, value in param_group.items() if key != "params"}
+        unknown = set(group) - set(self.defaults) - {"param_names"}
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for "
+                             f"{type(self).__name__}")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._validate_group(group)
+        group["params"] = params
+        if names is not None:
+            group["param_names"] = names
+
+        if self._context is None:
+            self._context = context
+            first_queue = getattr(params[0].data, "queue", None)
+            self._queue = first_queue if first_queue is not None else cl.CommandQueue(context)
+        self.param_groups.append(group)
+
+    def _all_params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _check_param(p, where, context):
+        data = getattr(p, "data", None)
+        if not isinstance(data, cla.Array):
+            raise TypeError(f"{where}: .data must be a pyopencl.array.Array, "
+                            f"got {type(data).__name__}")
+        if data.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{where}: dtype {data.dtype} is not supported "
+                            "(netcl optimizers update float32 and float64 parameters)")
+        if not data.flags.c_contiguous:
+            raise ValueError(f"{where}: .data must be C-contiguous")
+        if context is not None and data.context != context:
+            raise ValueError(f"{where}: lives in another OpenCL context than the other parameters")
+        if data.dtype == np.float64 and not _kernels.supports_fp64(data.context.devices[0]):
+            raise TypeError(f"{where}: float64 needs a device with cl_khr_fp64")
+        return data.context
+
+    # ------------------------------------------------------------------ hooks
+    def _validate_group(self, group):
+        """Raise ValueError naming any hyperparameter out of range."""
+        raise NotImplementedError
+
+    def _state_names(self, group):
+        """Names of the device state buffers, in kernel argument order."""
+        raise NotImplementedError
+
+    def _initial_state(self, group, name):
+        """The value a state buffer starts from."""
+        return 0.0
+
+    def _kernel_flags(self, group):
+        """Structural template flags (booleans); they key the kernel cache."""
+        raise NotImplementedError
+
+    def _scalar_args(self, group, step):
+        """Hyperparameter arguments as floats (``scalar_names`` order) for a step."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- step
+    def zero_grad(self, set_to_none=True):
+        """Reset gradients: to ``None`` by default, as torch, else to zeros in place."""
+        for p in self._all_params():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.fill(0, queue=self._queue)
+
+    def _check_grad(self, p, where):
+        grad = p.grad
+        if not isinstance(grad, cla.Array):
+            raise TypeError(f"{where}: .grad must be None or a pyopencl.array.Array, "
+                            f"got {type(grad).__name__}")
+        if grad.shape != p.data.shape:
+            raise ValueError(f"{where}: grad shape {grad.shape} does not match "
+                             f"parameter shape {p.data.shape}")
+        if grad.dtype != p.data.dtype:
+            raise TypeError(f"{where}: grad dtype {grad.dtype} does not match "
+                            f"parameter dtype {p.data.dtype}")
+        if grad.context != self._context:
+            raise ValueError(f"{where}: grad lives in another OpenCL context than the parameter")
+        if not grad.flags.c_contiguous:
+            raise ValueError(f"{where}: grad must be C-contiguous")
+
+    def step(self, closure=None):
+        """Perform one optimization step over every parameter with a gradient.
+
+        Everything is validated before anything is changed. The kernels are
+        enqueued and the call returns without waiting for the device.
+        """
+        loss = None
+        if closure is not None:
+            loss = closure()
+
+        work = []
+        index = 0
+        for group in self.param_groups:
+            self._validate_group(group)
+            active = []
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                where = _describe(index + i, names[i] if names else None)
+                if p.grad is None:
+                    continue
+                self._check_param(p, where, self._context)
+                self._check_grad(p, where)
+                state = self.state.get(id(p))
+                if state:
+                    missing = set(self._state_names(group)) - set(state)
+                    if missing:
+                        raise ValueError(
+                            f"{where}: state lacks {sorted(missing)}, which this group's "
+                            "settings need; set them before the first step")
+                active.append(p)
+            index += len(group["params"])
+            work.append((group, active))
+
+        for group, active in work:
+            for p in active:
+                if not self.state.get(id(p)):
+                    self.state[id(p)] = self._new_state(group, p)
+        for group, active in work:
+            self._update_group(group, active)
+        return loss
+
+    def _new_state(self, group, p):
+        state = {"step": 0}
+        for name in self._state_names(group):
+            buffer = cla.empty(self._queue, p.data.shape, p.data.dtype)
+            buffer.fill(self._initial_state(group, name))
+            state[name] = buffer
+        return state
+
+    def _update_group(self, group, params):
+        buckets = {}
+        for p in params:
+            state = self.state[id(p)]
+            state["step"] += 1
+            buckets.setdefault((p.data.dtype, state["step"]), []).append(p)
+        state_names = self._state_names(group)
+        flags = self._kernel_flags(group)
+        for (dtype, step), members in buckets.items():
+            self._dispatch(members, dtype, state_names, flags, self._scalar_args(group, step))
+
+    def _dispatch(self, params, dtype, state_names, flags, scalars):
+        device = self._context.devices[0]
+        slot_choices = _multi_tensor.slot_counts(device, len(state_names), len(self.scalar_names))
+        key = (dtype, tuple(p.data.size for p in params))
+        launches = self._plans.get(key)
+        if launches is None:
+            launches = _multi_tensor.plan(self._context, key[1], slot_choices)
+            self._plans[key] = launches
+
+        tensor_args = []
+        for p in params:
+            state = self.state[id(p)]
+            args = [p.data.base_data, _multi_tensor.element_offset(p.data),
+                    p.grad.base_data, _multi_tensor.element_offset(p.grad)]
+            args.extend(state[name].base_data for name in state_names)
+            tensor_args.append(args)
+
+        scalar_type = dtype.type
+        scalars = [scalar_type(value) for value in scalars]
+        for launch in launches:
+            kernel = self._kernel(dtype, launch.slots, state_names, flags)
+            _multi_tensor.enqueue(self._queue, kernel, launch, tensor_args, scalars)
+
+    def _kernel(self, dtype, slots, state_names, flags):
+        c_type = _kernels.c_type(dtype)
+        dtypes = ([None, np.uint32, None, np.uint32] + [None] * len(state_names)) * slots
+        dtypes += [None] + [np.dtype(dtype)] * len(self.scalar_names)
+        return _kernels.get_kernel(
+            self._context, self.template, "optimizer_step", dtypes,
+            param_t=c_type, state_t=c_type, n_tensors=slots,
+            vector_width=_multi_tensor.vector_width(self._context.devices[0], dtype),
+            state_names=tuple(state_names), scalar_names=tuple(self.scalar_names), **flags)
+
+    # -------------------------------------------------------------- state_dict
+    def state_dict(self):
+        """Return the state in torch's layout, with NumPy host copies of the buffers.
+
+        ``{'state': {index: {'step': int, <buffer>: ndarray}}, 'param_groups':
+        [{<hyperparameters>, 'params': [indices]}]}``; indices count parameters
+        across groups in order. Loading it back restores the exact bits.
+        """
+        packed_state = {}
+        groups = []
+        index = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            if "param_names" in packed:
+                packed["param_names"] = list(packed["param_names"])
+            packed["params"] = list(range(index, index + len(group["params"])))
+            for i, p in zip(packed["params"], group["params"]):
+                state = self.state.get(id(p))
+                if state:
+                    packed_state[i] = {
+                        name: value.get(queue=self._queue) if isinstance(value, cla.Array)
+                        else value for name, value in state.items()}
+            index += len(group["params"])
+            groups.append(packed)
+        return {"state": packed_state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load a state produced by :meth:`state_dict` (or torch's equivalent).
+
+        Group count, parameters per group, each group's hyperparameters and
+        every state buffer's name, shape and dtype are checked before anything
+        changes; a mismatch raises an error naming the group and parameter.
+        """
+        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
+                or "state" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+
+        new_groups = []
+        id_for_index = {}
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved_params = list(saved.get("params", ()))
+            if len(saved_params) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {g}: loaded state has {len(saved_params)} parameters, "
+                    f"this optimizer has {len(group['params'])}")
+            saved_names = saved.get("param_names")
+            if saved_names is not None and "param_names" in group \
+                    and list(saved_names) != list(group["param_names"]):
+                raise ValueError(f"parameter group {g}: parameter names {list(saved_names)} "
+                                 f"do not match {group['param_names']}")
+            merged = dict(group)
+            merged.update({k: v for k, v in saved.items() if k in self.defaults})
+            try:
+                self._validate_group(merged)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"parameter group {g}: {exc}") from None
+            new_groups.append(merged)
+            for saved_index, p in zip(saved_params, group["params"]):
+                id_for_index[saved_index] = (g, p)
+
+        new_state = {}
+        for saved_index, entry in saved_state.items():
+            if saved_index not in id_for_index:
+                raise ValueError(f"loaded state names parameter index {saved_index!r}, "
+                                 "which no parameter group holds")
+            g, p = id_for_index[saved_index]
+            position = new_groups[g]["params"].index(p)
+            names = new_groups[g].get("param_names")
+            where = f"parameter group {g}, " + _describe(
+                saved_index, names[position] if names else None)
+            new_state[id(p)] = self._checked_state(entry, new_groups[g], p, where)
+
+        # Everything is valid: only now upload and swap in.
+        uploaded = {}
+        for key, entry in new_state.items():
+            uploaded[key] = {
+                name: cla.to_device(self._queue, value) if isinstance(value, np.ndarray)
+                else value for name, value in entry.items()}
+        for group, merged in zip(self.param_groups, new_groups):
+            group.update(merged)
+        self.state = uploaded
+
+    def _checked_state(self, entry, group, p, where):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}: state must be a dict, got {type(entry).__name__}")
+        expected = set(self._state_names(group))
+        found = set(entry) - {"step"}
+        if found != expected:
+            raise ValueError(f"{where}: state has buffers {sorted(found)}, "
+                             f"expected {sorted(expected)}")
+        checked = {"step": self._checked_step(entry.get("step", 0), where)}
+        for name in expected:
+            value = entry[name]
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{where}: state {name!r} must be a numpy array, "
+                                f"got {type(value).__name__}")
+            if value.shape != p.data.shape:
+                raise ValueError(f"{where}: state {name!r} has shape {value.shape}, "
+                                 f"expected {p.data.shape}")
+            if value.dtype != p.data.dtype:
+                raise TypeError(f"{where}: state {name!r} has dtype {value.dtype}, "
+                                f"expected {p.data.dtype}")
+            checked[name] = np.ascontiguousarray(value)
+        return checked
+
+    @staticmethod
+    def _checked_step(step, where):
+        if isinstance(step, np.ndarray):
+            if step.shape != ():
+                raise ValueError(f"{where}: step must be a scalar, got shape {step.shape}")
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, (int, float, np.integer, np.floating)) \
+                or not float(step).is_integer() or step < 0:
+            raise ValueError(f"{where}: step must be a non-negative whole number, got {step!r}")
+        return int(step)
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k not in ("params", "param_names")):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
