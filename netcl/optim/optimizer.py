@@ -62,6 +62,10 @@ class Optimizer:
 
     template = None
     scalar_names = ()
+    #: Whether each parameter's state counts its updates in ``state['step']``.
+    #: A family that keeps no count (torch's SGD) sets this False; a parameter
+    #: whose group then needs no state buffers gets no state entry at all.
+    step_in_state = True
 
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)
@@ -72,7 +76,9 @@ class Optimizer:
         self._queue = None
         self._plans = {}
 
-        if isinstance(params, (cla.Array, Set)) or not hasattr(params, "__iter__"):
+        if isinstance(params, Set):
+            self.add_param_group({"params": params})  # raises torch's message for sets
+        if isinstance(params, cla.Array) or not hasattr(params, "__iter__"):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of parameters "
                 f"or dicts, but got {type(params).__name__}")
@@ -189,7 +195,12 @@ class Optimizer:
         raise NotImplementedError
 
     def _scalar_args(self, group, step):
-        """Hyperparameter arguments as floats (``scalar_names`` order) for a step."""
+        """Hyperparameter arguments as floats (``scalar_names`` order) for a step.
+
+        ``step`` is the parameter's update count including this update. Where
+        ``step_in_state`` is False it is 1 for a parameter whose state this
+        step created and ``None`` otherwise.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------- step
@@ -252,28 +263,36 @@ class Optimizer:
             index += len(group["params"])
             work.append((group, active))
 
+        fresh = set()
         for group, active in work:
             for p in active:
                 if not self.state.get(id(p)):
-                    self.state[id(p)] = self._new_state(group, p)
+                    state = self._new_state(group, p)
+                    if state:
+                        self.state[id(p)] = state
+                        fresh.add(id(p))
         for group, active in work:
-            self._update_group(group, active)
+            self._update_group(group, active, fresh)
         return loss
 
     def _new_state(self, group, p):
-        state = {"step": 0}
+        state = {"step": 0} if self.step_in_state else {}
         for name in self._state_names(group):
             buffer = cla.empty(self._queue, p.data.shape, p.data.dtype)
             buffer.fill(self._initial_state(group, name))
             state[name] = buffer
         return state
 
-    def _update_group(self, group, params):
+    def _update_group(self, group, params, fresh=frozenset()):
         buckets = {}
         for p in params:
-            state = self.state[id(p)]
-            state["step"] += 1
-            buckets.setdefault((p.data.dtype, state["step"]), []).append(p)
+            if self.step_in_state:
+                state = self.state[id(p)]
+                state["step"] += 1
+                step = state["step"]
+            else:
+                step = 1 if id(p) in fresh else None
+            buckets.setdefault((p.data.dtype, step), []).append(p)
         state_names = self._state_names(group)
         flags = self._kernel_flags(group)
         for (dtype, step), members in buckets.items():
@@ -290,7 +309,7 @@ class Optimizer:
 
         tensor_args = []
         for p in params:
-            state = self.state[id(p)]
+            state = self.state.get(id(p), {})
             args = [p.data.base_data, _multi_tensor.element_offset(p.data),
                     p.grad.base_data, _multi_tensor.element_offset(p.grad)]
             args.extend(state[name].base_data for name in state_names)
@@ -407,7 +426,9 @@ class Optimizer:
         if found != expected:
             raise ValueError(f"{where}: state has buffers {sorted(found)}, "
                              f"expected {sorted(expected)}")
-        checked = {"step": self._checked_step(entry.get("step", 0), where)}
+        checked = {}
+        if self.step_in_state:
+            checked["step"] = self._checked_step(entry.get("step", 0), where)
         for name in expected:
             value = entry[name]
             if not isinstance(value, np.ndarray):
