@@ -4,3 +4,7 @@ from netcl.optim.optimizer import Optimizer
 from netcl.optim.rmsprop import RMSProp, RMSprop
 
 __all__ = ["Optimizer", "RMSProp", "RMSprop"]
+from netcl.optim.adam import Adam, AdamW
+from netcl.optim.sgd import SGD
+
+__all__ += ["Adam", "AdamW", "SGD"]

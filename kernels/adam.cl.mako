@@ -1,0 +1,40 @@
+<%inherit file="multi_tensor.cl.mako"/>
+<%doc>
+Adam and AdamW, in the operation order of torch.optim's _single_tensor_adam
+(torch 2.13, the path torch takes for CPU tensors). fma sits exactly where
+torch's CPU kernels fuse: add with alpha, addcmul and lerp. addcdiv, mul and
+div by a scalar are not fused there and are not fused here.
+
+Flags: maximize, weight_decay (coupled: g += wd * p), decoupled (AdamW:
+p *= 1 - lr * wd; only with weight_decay), amsgrad (booleans).
+Scalars (computed on the host in float64, then rounded to the state type as
+torch rounds Python scalars): one_minus_beta1, beta2, one_minus_beta2,
+neg_step_size (-lr / (1 - beta1^t)), bias_correction2_sqrt
+((1 - beta2^t) ** 0.5), eps, weight_decay_value, decay_factor (1 - lr * wd).
+</%doc>
+<%def name="update(T)">
+% if maximize:
+        g = -g;
+% endif
+% if weight_decay and decoupled:
+        p = p * decay_factor;
+% elif weight_decay:
+        g = fma((${T})weight_decay_value, p, g);
+% endif
+        // exp_avg.lerp_(g, 1 - beta1): ATen picks the form by the weight's size.
+        if (one_minus_beta1 < 0.5)
+            exp_avg = fma((${T})one_minus_beta1, g - exp_avg, exp_avg);
+        else
+            exp_avg = fma((${T})(one_minus_beta1 - 1), g - exp_avg, g);
+        // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        exp_avg_sq = fma(one_minus_beta2 * g, g, exp_avg_sq * beta2);
+% if amsgrad:
+        // torch.maximum: NaN in exp_avg_sq propagates.
+        max_exp_avg_sq = (max_exp_avg_sq >= exp_avg_sq) ? max_exp_avg_sq : exp_avg_sq;
+        ${T} denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps;
+% else:
+        ${T} denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps;
+% endif
+        // p.addcdiv_(exp_avg, denom, value=-step_size)
+        p = p + (neg_step_size * exp_avg) / denom;
+</%def>
