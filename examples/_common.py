@@ -2,8 +2,8 @@
 checkpoints and matplotlib setup. Only NumPy, pyopencl and netcl here."""
 
 import argparse
+import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +12,7 @@ import numpy as np
 import pyopencl.array as cla
 
 import netcl.optim
+from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -145,60 +146,62 @@ def make_optimizer(parser, args, params, default_lr=None):
 
 
 # -------------------------------------------------------------- checkpoints
-# The one place the examples save and resume training. netcl.optim.save/load
-# are not there yet; until they are, a checkpoint is an .npz holding the
-# parameters, the optimizer's state_dict() (buffers as arrays, everything else
-# as JSON) and the example's own counters. Swap the bodies of these two
-# functions for netcl.optim.save(opt, path) / netcl.optim.load(opt, path)
-# (plus the parameters) when they exist.
+# The one place the examples save and resume training. A checkpoint is two
+# safetensors files: PATH holds the optimizer (netcl.optim.save: state, step
+# counts, hyperparameters) and <stem>.params<suffix> beside it the parameter
+# values and the example's own counters. The optimizer file is written first
+# and the parameter file records its SHA-256, so a pair torn apart by a crash
+# between the two writes is refused rather than resumed from mismatched halves.
+
+def params_path(path):
+    """Where :func:`save_checkpoint` puts the parameters that go with ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.params{path.suffix}")
+
 
 def save_checkpoint(path, optimizer, params, extra):
-    """Write ``params``' values, ``optimizer``'s state and ``extra`` (a JSON-able dict)."""
-    state_dict = optimizer.state_dict()
-    arrays = {f"param.{i}": p.data.get() for i, p in enumerate(params)}
-    scalars = {}
-    for index, entry in state_dict["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, np.ndarray):
-                arrays[f"state.{index}.{name}"] = value
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    meta = {"param_groups": state_dict["param_groups"], "state_scalars": scalars,
-            "n_params": len(params), "extra": extra}
-    arrays["meta"] = np.array(json.dumps(meta, default=_json_value))
+    """Write ``optimizer``'s state, ``params``' values and ``extra`` (a JSON-able dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)  # never leaves a half-written checkpoint behind
+    netcl.optim.save(optimizer, path)
+    tensors = {f"param.{i}": p.data.get() for i, p in enumerate(params)}
+    write_tensors(params_path(path), tensors,
+                  {"optimizer_sha256": _sha256(path),
+                   "extra": json.dumps(extra, default=_json_value)})
     return path
 
 
 def load_checkpoint(path, optimizer, params):
-    """Restore what :func:`save_checkpoint` wrote into ``params``/``optimizer``; return extra."""
-    with np.load(path, allow_pickle=False) as archive:
-        meta = json.loads(str(archive["meta"]))
-        if meta["n_params"] != len(params):
-            raise ValueError(f"{path}: holds {meta['n_params']} parameters, "
-                             f"the model has {len(params)}")
-        values = [archive[f"param.{i}"] for i in range(len(params))]
-        for i, (p, value) in enumerate(zip(params, values)):
-            if value.shape != p.shape or value.dtype != p.dtype:
-                raise ValueError(f"{path}: parameter {i} is {value.dtype}{list(value.shape)}, "
-                                 f"the model's is {p.dtype}{list(p.shape)}")
-        state = {}
-        for key in archive.files:
-            if key.startswith("state."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = archive[key]
-    for index, entry in meta["state_scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" and k != "param_names"
-               else v for k, v in group.items()} for group in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    """Restore what :func:`save_checkpoint` wrote into ``params``/``optimizer``; return extra.
+
+    Everything is checked before the optimizer or a parameter changes.
+    """
+    path = Path(path)
+    tensors, metadata = read_tensors(params_path(path))
+    if metadata.get("optimizer_sha256") != _sha256(path):
+        raise CheckpointError(f"{path} and {params_path(path)} are not from the same save "
+                              "(was a save interrupted between the two files?)")
+    if len(tensors) != len(params):
+        raise ValueError(f"{params_path(path)}: holds {len(tensors)} parameters, "
+                         f"the model has {len(params)}")
+    values = [tensors.get(f"param.{i}") for i in range(len(params))]
+    for i, (p, value) in enumerate(zip(params, values)):
+        if value is None or value.shape != p.shape or value.dtype != p.dtype:
+            found = "nothing" if value is None else f"{value.dtype}{list(value.shape)}"
+            raise ValueError(f"{params_path(path)}: parameter {i} is {found}, "
+                             f"the model's is {p.dtype}{list(p.shape)}")
+    netcl.optim.load(optimizer, path)  # checks the optimizer file before changing anything
     for p, value in zip(params, values):
-        p.data.set(np.ascontiguousarray(value))
-    return meta["extra"]
+        p.data.set(value)
+    return json.loads(metadata["extra"])
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _json_value(value):

@@ -10,8 +10,8 @@ back for the progress bar and the plot.
     python examples/train_mlp.py                        # RMSProp, defaults
     python examples/train_mlp.py --optim adamw --lr 3e-3 --weight-decay 0.05
     python examples/train_mlp.py --optim sgd --lr 0.05 --momentum 0.9 --nesterov
-    python examples/train_mlp.py --epochs 10 --save ck.npz
-    python examples/train_mlp.py --epochs 20 --resume ck.npz   # continues to epoch 20
+    python examples/train_mlp.py --epochs 10 --save ck.safetensors
+    python examples/train_mlp.py --epochs 20 --resume ck.safetensors   # continues to epoch 20
 
 Writes ``loss_<optim>.png`` (training loss per step, test accuracy per epoch)
 to --out and prints the held-out accuracy.

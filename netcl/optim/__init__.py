@@ -8,3 +8,6 @@ from netcl.optim.adam import Adam, AdamW
 from netcl.optim.sgd import SGD
 
 __all__ += ["Adam", "AdamW", "SGD"]
+from netcl.optim.checkpoint import CheckpointError, load, save
+
+__all__ += ["CheckpointError", "load", "save"]

@@ -332,13 +332,24 @@ class Optimizer:
             state_names=tuple(state_names), scalar_names=tuple(self.scalar_names), **flags)
 
     # -------------------------------------------------------------- state_dict
-    def state_dict(self):
+    def state_dict(self, format="netcl"):
         """Return the state in torch's layout, with NumPy host copies of the buffers.
 
         ``{'state': {index: {'step': int, <buffer>: ndarray}}, 'param_groups':
         [{<hyperparameters>, 'params': [indices]}]}``; indices count parameters
         across groups in order. Loading it back restores the exact bits.
+
+        ``format="torch"`` gives what ``torch.optim``'s ``load_state_dict``
+        accepts once each array goes through ``torch.from_numpy``: ``step`` as
+        a 0-d float32 array and torch's group keys; ``ValueError`` if a
+        netcl-only option is not at its default (see
+        :func:`netcl.optim.checkpoint.torch_state_dict`).
         """
+        if format not in ("netcl", "torch"):
+            raise ValueError(f"format must be 'netcl' or 'torch', got {format!r}")
+        if format == "torch":
+            from netcl.optim import checkpoint
+            return checkpoint.torch_state_dict(self, self.state_dict())
         packed_state = {}
         groups = []
         index = 0
@@ -363,12 +374,24 @@ class Optimizer:
         Group count, parameters per group, each group's hyperparameters and
         every state buffer's name, shape and dtype are checked before anything
         changes; a mismatch raises an error naming the group and parameter.
+
+        torch's own ``state_dict()`` loads as it is: buffers may be NumPy
+        arrays or anything ``numpy.asarray`` converts (CPU tensors), ``step``
+        a number or a 0-d array/tensor, group keys netcl does not have
+        (``foreach``, ``capturable``, ...) are ignored, and a state entry whose
+        buffers are all ``None`` (torch's SGD without momentum) means no state.
         """
         if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
                 or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        if isinstance(saved_groups, (str, bytes, Mapping)) \
+                or not hasattr(saved_groups, "__len__") \
+                or not all(isinstance(saved, Mapping) for saved in saved_groups):
+            raise ValueError("state_dict['param_groups'] must be a list of dicts")
+        if not isinstance(saved_state, Mapping):
+            raise ValueError("state_dict['state'] must be a dict keyed by parameter index")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                              f"this optimizer has {len(self.param_groups)}")
@@ -394,6 +417,9 @@ class Optimizer:
                 raise type(exc)(f"parameter group {g}: {exc}") from None
             new_groups.append(merged)
             for saved_index, p in zip(saved_params, group["params"]):
+                if saved_index in id_for_index:
+                    raise ValueError(f"parameter group {g}: parameter index {saved_index!r} "
+                                     "appears more than once in the loaded param_groups")
                 id_for_index[saved_index] = (g, p)
 
         new_state = {}
@@ -406,7 +432,9 @@ class Optimizer:
             names = new_groups[g].get("param_names")
             where = f"parameter group {g}, " + _describe(
                 saved_index, names[position] if names else None)
-            new_state[id(p)] = self._checked_state(entry, new_groups[g], p, where)
+            checked = self._checked_state(entry, new_groups[g], p, where)
+            if checked is not None:
+                new_state[id(p)] = checked
 
         # Everything is valid: only now upload and swap in.
         uploaded = {}
@@ -419,8 +447,13 @@ class Optimizer:
         self.state = uploaded
 
     def _checked_state(self, entry, group, p, where):
+        """The entry as host arrays ready to upload, or None for "no state"."""
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: state must be a dict, got {type(entry).__name__}")
+        entry = {name: value for name, value in entry.items() if value is not None}
+        if not set(entry) - {"step"}:
+            if not self._state_names(group) or "step" not in entry:
+                return None  # no buffers (and for SGD no step): nothing to restore
         expected = set(self._state_names(group))
         found = set(entry) - {"step"}
         if found != expected:
@@ -429,11 +462,17 @@ class Optimizer:
         checked = {}
         if self.step_in_state:
             checked["step"] = self._checked_step(entry.get("step", 0), where)
-        for name in expected:
+        for name in self._state_names(group):  # in kernel order, as a fresh state
             value = entry[name]
             if not isinstance(value, np.ndarray):
-                raise TypeError(f"{where}: state {name!r} must be a numpy array, "
-                                f"got {type(value).__name__}")
+                try:
+                    value = np.asarray(value) if hasattr(value, "__array__") else None
+                except Exception as exc:  # e.g. a tensor on a GPU
+                    raise TypeError(f"{where}: state {name!r} ({type(entry[name]).__name__}) "
+                                    f"cannot be converted to a numpy array: {exc}") from None
+                if value is None or value.dtype == object:
+                    raise TypeError(f"{where}: state {name!r} must be a numpy array, "
+                                    f"got {type(entry[name]).__name__}")
             if value.shape != p.data.shape:
                 raise ValueError(f"{where}: state {name!r} has shape {value.shape}, "
                                  f"expected {p.data.shape}")
@@ -445,6 +484,11 @@ class Optimizer:
 
     @staticmethod
     def _checked_step(step, where):
+        if hasattr(step, "__array__") and not isinstance(step, np.generic):
+            try:
+                step = np.asarray(step)
+            except Exception as exc:
+                raise ValueError(f"{where}: step {step!r} cannot be read: {exc}") from None
         if isinstance(step, np.ndarray):
             if step.shape != ():
                 raise ValueError(f"{where}: step must be a scalar, got shape {step.shape}")
@@ -453,6 +497,16 @@ class Optimizer:
                 or not float(step).is_integer() or step < 0:
             raise ValueError(f"{where}: step must be a non-negative whole number, got {step!r}")
         return int(step)
+
+    def save(self, path):
+        """Write the state to a safetensors file, atomically (:func:`netcl.optim.save`)."""
+        from netcl.optim import checkpoint
+        checkpoint.save(self, path)
+
+    def load(self, path):
+        """Restore a file written by :meth:`save`, checked first (:func:`netcl.optim.load`)."""
+        from netcl.optim import checkpoint
+        checkpoint.load(self, path)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

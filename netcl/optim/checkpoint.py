@@ -1,0 +1,391 @@
+"""Optimizer checkpoints: pickle-free files that resume bit-exactly, and
+conversion to torch.optim's ``state_dict`` layout.
+
+:func:`save` writes an optimizer's complete state (every state buffer, the
+per-parameter step counts, each group's hyperparameters) to a safetensors file
+through :mod:`netcl.optim.checkpoint_file` (atomic: the path holds the old or
+the new checkpoint, never a mix); :func:`load` reads one back into an
+optimizer built over the same parameters, checking everything before anything
+changes. Loading and continuing gives the same bits as never stopping.
+
+File layout (schema 1)
+----------------------
+Tensors, one per state buffer, named ``state.<index>.<buffer>`` (e.g.
+``state.0.square_avg``), where ``<index>`` numbers the parameters across
+groups in order, as in :meth:`Optimizer.state_dict`. A parameter without state
+has no tensors.
+
+``__metadata__`` (every value a string):
+
+``format``
+    ``"netcl.optim"``: marks the file as a netcl optimizer checkpoint.
+``schema_version``
+    ``"1"``: the layout described here (decimal).
+``optimizer``
+    the optimizer's class name, e.g. ``"RMSProp"``.
+``netcl_version``
+    the netcl version that wrote the file (informational only).
+``param_groups``
+    JSON list, one object per group: every hyperparameter (tuples such as
+    ``betas`` as lists), ``"params"`` (the group's parameter indices) and
+    ``"param_names"`` when the optimizer was given named parameters.
+``params``
+    JSON list, one object per parameter index: ``"shape"`` (list of ints),
+    ``"dtype"`` (``"float32"`` or ``"float64"``), ``"step"`` (the
+    parameter's update count; ``null`` when it has no state or its optimizer
+    keeps no count, as SGD) and ``"state"`` (the names of its buffers, or
+    ``null`` when it has no state).
+
+A file with a newer ``schema_version`` than this netcl reads is refused with
+:class:`CheckpointError`; an older one is converted step by step by the
+functions in ``_MIGRATIONS`` (``{old_version: function}``, each turning
+``(tensors, metadata)`` of its version into the next one) before decoding.
+"""
+
+import inspect
+import json
+
+import numpy as np
+
+import netcl
+from netcl.optim.adam import Adam, AdamW
+from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
+from netcl.optim.rmsprop import RMSProp
+from netcl.optim.sgd import SGD
+
+__all__ = ["CheckpointError", "SCHEMA_VERSION", "encode", "load", "read", "save",
+           "torch_state_dict"]
+
+FORMAT = "netcl.optim"
+SCHEMA_VERSION = 1
+
+#: ``{version: migrate}``: ``migrate(tensors, metadata)`` returns the same
+#: checkpoint in the layout of ``version + 1`` (``metadata["schema_version"]``
+#: is updated by the caller). Schema 1 is the first; a future schema 2 adds
+#: ``{1: _migrate_1_to_2}`` here.
+_MIGRATIONS = {}
+
+_DTYPES = ("float32", "float64")
+_PARAM_KEYS = frozenset({"shape", "dtype", "step", "state"})
+
+
+# ------------------------------------------------------------------- saving
+def save(optimizer, path):
+    """Write ``optimizer``'s state to the safetensors file ``path``, atomically.
+
+    Waits for the device to finish the enqueued steps (the buffers are copied
+    to the host). The parent directory must exist. Raises ``TypeError`` when a
+    parameter group holds a value JSON cannot store exactly (hyperparameters
+    are numbers, bools and tuples of numbers).
+    """
+    tensors, metadata = encode(optimizer)
+    write_tensors(path, tensors, metadata)
+
+
+def encode(optimizer):
+    """The ``(tensors, metadata)`` pair :func:`save` writes (see the module doc)."""
+    state_dict = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors = {}
+    described = []
+    for index, p in enumerate(params):
+        entry = state_dict["state"].get(index)
+        info = {"shape": list(p.data.shape), "dtype": np.dtype(p.data.dtype).name,
+                "step": None, "state": None}
+        if entry:
+            buffers = [name for name in entry if name != "step"]
+            for name in buffers:
+                tensors[f"state.{index}.{name}"] = entry[name]
+            info["state"] = buffers
+            if "step" in entry:
+                info["step"] = int(entry["step"])
+        described.append(info)
+    groups = []
+    for g, group in enumerate(state_dict["param_groups"]):
+        for key, value in group.items():
+            try:
+                _json(value)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"parameter group {g}: cannot store {key}={value!r} in a "
+                                f"checkpoint ({exc})") from None
+        groups.append(group)
+    metadata = {
+        "format": FORMAT,
+        "schema_version": str(SCHEMA_VERSION),
+        "optimizer": type(optimizer).__name__,
+        "netcl_version": netcl.__version__,
+        "param_groups": _json(groups),
+        "params": _json(described),
+    }
+    return tensors, metadata
+
+
+def _json(value):
+    return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_json_value)
+
+
+def _json_value(value):
+    if isinstance(value, (np.bool_, np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# ------------------------------------------------------------------ loading
+def load(optimizer, path):
+    """Restore the state :func:`save` wrote to ``path`` into ``optimizer``.
+
+    ``optimizer`` must be of the same class, over parameters with the same
+    group structure, shapes and dtypes (and names, where both the file and the
+    optimizer have them); it may be fresh (no step taken yet) or not. The
+    file's hyperparameters replace the groups' current ones, as with
+    :meth:`Optimizer.load_state_dict`, which does the state checks and the
+    loading. Every check happens before anything changes: on any error the
+    optimizer is left exactly as it was.
+
+    Raises :class:`CheckpointError` for a file that is truncated, corrupt, not
+    a netcl optimizer checkpoint or from a newer schema; ``ValueError`` /
+    ``TypeError`` naming the group, parameter, expected and found values for a
+    file that does not fit this optimizer; ``OSError`` for I/O problems.
+    """
+    state_dict, info = read(path)
+    class_name = type(optimizer).__name__
+    if info["optimizer"] != class_name:
+        raise ValueError(f"{path}: checkpoint was written by {info['optimizer']}, "
+                         f"this optimizer is {class_name}")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"{path}: checkpoint has {len(saved_groups)} parameter groups, "
+                         f"this optimizer has {len(optimizer.param_groups)}")
+    for g, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{path}: parameter group {g}: checkpoint has "
+                             f"{len(saved['params'])} parameters, this optimizer has "
+                             f"{len(group['params'])}")
+        saved_names = saved.get("param_names")
+        names = group.get("param_names")
+        for position, (index, p) in enumerate(zip(saved["params"], group["params"])):
+            name = names[position] if names else (
+                saved_names[position] if saved_names else None)
+            where = f"{path}: parameter group {g}, parameter {index}" + (
+                f" ({name!r})" if name is not None else "")
+            if names and saved_names and saved_names[position] != names[position]:
+                raise ValueError(f"{where}: checkpoint names it {saved_names[position]!r}, "
+                                 f"this optimizer {names[position]!r}")
+            described = info["params"][index]
+            if tuple(described["shape"]) != tuple(p.data.shape):
+                raise ValueError(f"{where}: checkpoint has shape {tuple(described['shape'])}, "
+                                 f"this optimizer's parameter has shape {p.data.shape}")
+            if described["dtype"] != np.dtype(p.data.dtype).name:
+                raise TypeError(f"{where}: checkpoint has dtype {described['dtype']}, "
+                                f"this optimizer's parameter has dtype {p.data.dtype}")
+            has_step = described["step"] is not None
+            if described["state"] is not None and has_step != bool(optimizer.step_in_state):
+                raise CheckpointError(
+                    f"{where}: the file's state {'has' if has_step else 'lacks'} a step count, "
+                    f"but {class_name} "
+                    f"{'keeps' if optimizer.step_in_state else 'keeps no'} step counts")
+    try:
+        optimizer.load_state_dict(state_dict)
+    except (TypeError, ValueError) as exc:  # raised before anything changed
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def read(path):
+    """Decode a checkpoint file without an optimizer.
+
+    Returns ``(state_dict, info)``: ``state_dict`` in
+    :meth:`Optimizer.state_dict`'s layout, ``info`` a dict with
+    ``"optimizer"`` (class name), ``"schema_version"`` (of the file, before
+    migration), ``"netcl_version"`` and ``"params"`` (the per-parameter list
+    described in the module doc). Raises :class:`CheckpointError` for anything
+    malformed.
+    """
+    tensors, metadata = read_tensors(path)
+
+    def bad(what):
+        return CheckpointError(f"{path}: {what}")
+
+    if metadata.get("format") != FORMAT:
+        raise bad("not a netcl optimizer checkpoint (its metadata has no "
+                  f"'format': {FORMAT!r}; found {metadata.get('format')!r})")
+    version_text = metadata.get("schema_version", "")
+    if not (version_text.isascii() and version_text.isdigit()):
+        raise bad(f"invalid schema_version {version_text!r}")
+    version = file_version = int(version_text)
+    if version > SCHEMA_VERSION:
+        raise bad(f"written with checkpoint schema {version}, newer than schema "
+                  f"{SCHEMA_VERSION}, the newest this netcl ({netcl.__version__}) reads; "
+                  "upgrade netcl to load it")
+    while version < SCHEMA_VERSION:
+        migrate = _MIGRATIONS.get(version)
+        if migrate is None:
+            raise bad(f"written with checkpoint schema {version}, which this netcl cannot "
+                      f"convert to schema {SCHEMA_VERSION}")
+        try:
+            tensors, metadata = migrate(dict(tensors), dict(metadata))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"cannot convert from checkpoint schema {version} to {version + 1}: "
+                      f"{type(exc).__name__}: {exc}") from None
+        version += 1
+        metadata["schema_version"] = str(version)
+
+    for key in ("optimizer", "param_groups", "params"):
+        if not isinstance(metadata.get(key), str):
+            raise bad(f"metadata lacks {key!r}")
+    try:
+        groups = json.loads(metadata["param_groups"], parse_constant=_no_constant)
+        params = json.loads(metadata["params"], parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"metadata is not valid JSON: {exc}") from None
+
+    if not isinstance(params, list):
+        raise bad("metadata 'params' must be a list")
+    for index, entry in enumerate(params):
+        _check_param_entry(entry, index, bad)
+    if not isinstance(groups, list) or not groups \
+            or not all(isinstance(group, dict) for group in groups):
+        raise bad("metadata 'param_groups' must be a non-empty list of objects")
+
+    param_groups = []
+    indices = []
+    for g, group in enumerate(groups):
+        members = group.get("params")
+        if not isinstance(members, list) or not members \
+                or not all(type(i) is int for i in members):
+            raise bad(f"parameter group {g}: 'params' must be a non-empty list of indices")
+        indices.extend(members)
+        names = group.get("param_names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(members)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise bad(f"parameter group {g}: 'param_names' must list one name per parameter")
+        param_groups.append({key: _from_json(key, value) for key, value in group.items()})
+    if indices != list(range(len(params))):
+        raise bad(f"the groups' parameter indices {indices} do not number the "
+                  f"{len(params)} parameters in order")
+
+    state = {}
+    expected = set()
+    for index, entry in enumerate(params):
+        if entry["state"] is None:
+            continue
+        shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
+        loaded = {}
+        if entry["step"] is not None:
+            loaded["step"] = entry["step"]
+        for name in entry["state"]:
+            key = f"state.{index}.{name}"
+            expected.add(key)
+            value = tensors.get(key)
+            if value is None:
+                raise bad(f"tensor {key!r} is missing")
+            if value.shape != shape or value.dtype != dtype:
+                raise bad(f"tensor {key!r} is {value.dtype}{list(value.shape)}, but parameter "
+                          f"{index} is {dtype}{list(shape)}")
+            loaded[name] = value
+        state[index] = loaded
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise bad(f"tensor {unexpected[0]!r} belongs to no parameter's state")
+
+    info = {"optimizer": metadata["optimizer"], "schema_version": file_version,
+            "netcl_version": metadata.get("netcl_version"), "params": params}
+    return {"state": state, "param_groups": param_groups}, info
+
+
+def _no_constant(token):
+    raise ValueError(f"non-JSON constant {token}")
+
+
+def _check_param_entry(entry, index, bad):
+    where = f"parameter {index}"
+    if not isinstance(entry, dict) or set(entry) != _PARAM_KEYS:
+        raise bad(f"{where}: metadata must be an object with keys {sorted(_PARAM_KEYS)}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if entry["dtype"] not in _DTYPES:
+        raise bad(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(_DTYPES)}")
+    step = entry["step"]
+    if step is not None and (type(step) is not int or step < 0):
+        raise bad(f"{where}: step must be a non-negative integer or null, got {step!r}")
+    buffers = entry["state"]
+    if buffers is not None and (
+            not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers)
+            or len(set(buffers)) != len(buffers) or "step" in buffers):
+        raise bad(f"{where}: state must be a list of distinct buffer names or null")
+    if buffers is None and step is not None:
+        raise bad(f"{where}: has a step count but no state")
+
+
+def _from_json(key, value):
+    # JSON has no tuples: hyperparameters given as tuples (betas) come back as such.
+    if key in ("params", "param_names"):
+        return value
+    if isinstance(value, list):
+        return tuple(_from_json(key, v) for v in value)
+    return value
+
+
+# ------------------------------------------------------------ torch layout
+#: netcl class -> (torch.optim class name, hyperparameters both share, torch's
+#: other group keys with the defaults torch 2.13 gives them).
+_TORCH = {
+    RMSProp: ("RMSprop",
+              ("lr", "momentum", "alpha", "eps", "centered", "weight_decay", "maximize"),
+              {"capturable": False, "foreach": None, "differentiable": False}),
+    Adam: ("Adam",
+           ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+            "decoupled_weight_decay"),
+           {"foreach": None, "capturable": False, "differentiable": False, "fused": None}),
+    SGD: ("SGD",
+          ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+          {"foreach": None, "differentiable": False, "fused": None}),
+}
+_TORCH[AdamW] = ("AdamW",) + _TORCH[Adam][1:]
+
+
+def torch_state_dict(optimizer, state_dict=None):
+    """``optimizer``'s state in the layout ``torch.optim``'s ``load_state_dict`` takes.
+
+    Buffers stay NumPy arrays (convert each with ``torch.from_numpy``); ``step``
+    is a 0-d float32 array, as torch keeps it. Each group has torch's keys:
+    the shared hyperparameters, torch's own options (``foreach``,
+    ``capturable``, ...) at torch's defaults, ``params`` and ``param_names``
+    when named. A netcl-only option (e.g. RMSProp's ``eps_in_sqrt``) at its
+    default is left out; at any other value torch cannot reproduce the
+    optimizer and ``ValueError`` says so.
+    """
+    spec = next((_TORCH[cls] for cls in type(optimizer).__mro__ if cls in _TORCH), None)
+    if spec is None:
+        raise ValueError(f"{type(optimizer).__name__} has no torch.optim counterpart")
+    torch_name, shared, extras = spec
+    if state_dict is None:
+        state_dict = optimizer.state_dict()
+    signature = inspect.signature(type(optimizer).__init__).parameters
+    groups = []
+    for g, group in enumerate(state_dict["param_groups"]):
+        converted = {}
+        for key, value in group.items():
+            if key in optimizer.defaults and key not in shared:
+                default = signature[key].default if key in signature else None
+                if not _same(value, default):
+                    raise ValueError(
+                        f"parameter group {g}: {key}={value!r} has no equivalent in "
+                        f"torch.optim.{torch_name}, which cannot represent this optimizer "
+                        f"(only {key}={default!r} converts)")
+                continue
+            converted[key] = value
+        for key, value in extras.items():
+            converted.setdefault(key, value)
+        groups.append(converted)
+    state = {}
+    for index, entry in state_dict["state"].items():
+        state[index] = {name: np.array(value, dtype=np.float32) if name == "step" else value
+                        for name, value in entry.items()}
+    return {"state": state, "param_groups": groups}
+
+
+def _same(value, default):
+    if isinstance(default, bool) or isinstance(value, (bool, np.bool_)):
+        return isinstance(value, (bool, np.bool_)) and bool(value) == default
+    return value == default
