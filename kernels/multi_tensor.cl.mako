@@ -14,7 +14,13 @@ type T (a vector type in the body, a scalar type in the tail). The skeleton
 loads them before and stores p and the state after.
 
 Inputs: param_t, state_t (OpenCL C scalar types), vector_width, n_tensors,
-state_names, scalar_names (hyperparameter arguments, passed as state_t).
+state_names, scalar_names (hyperparameter arguments, passed as state_t),
+aligned (every tensor's data and gradient start on a vector boundary, so
+whole vectors can be read through vector pointers).
+
+Work-items of a group stride through the chunk together: on a GPU that
+coalesces; on a CPU the host launches one work-item per group, which PoCL
+runs as a plain loop.
 </%doc>
 <%
     W = vector_width
@@ -22,19 +28,30 @@ state_names, scalar_names (hyperparameter arguments, passed as state_t).
     def vec(t):
         return t if W == 1 else "%s%d" % (t, W)
 
-    def load(ptr, src_t, dst_t, width):
+    # Aligned launches read whole vectors through vector pointers: PoCL turns
+    # vloadN/vstoreN on scalar pointers into element-wise accesses and loses
+    # about half the bandwidth. Unaligned views (odd offsets) keep vloadN.
+    def access(ptr, t, width):
         if width == 1:
-            value = "%s[at]" % ptr
-            return value if src_t == dst_t else "(%s)%s" % (dst_t, value)
-        value = "vload%d(0, %s + at)" % (width, ptr)
-        return value if src_t == dst_t else "convert_%s%d(%s)" % (dst_t, width, value)
+            return "%s[at]" % ptr
+        if aligned:
+            return "((__global %s%d *)%s)[i]" % (t, width, ptr)
+        return None
+
+    def load(ptr, src_t, dst_t, width):
+        value = access(ptr, src_t, width) or "vload%d(0, %s + at)" % (width, ptr)
+        if src_t == dst_t:
+            return value
+        return "(%s)%s" % (dst_t, value) if width == 1 else "convert_%s%d(%s)" % (dst_t, width, value)
 
     def store(value, ptr, src_t, dst_t, width):
-        if width == 1:
-            cast = value if src_t == dst_t else "(%s)%s" % (dst_t, value)
-            return "%s[at] = %s;" % (ptr, cast)
-        cast = value if src_t == dst_t else "convert_%s%d_rte(%s)" % (dst_t, width, value)
-        return "vstore%d(%s, 0, %s + at);" % (width, cast, ptr)
+        if src_t != dst_t:
+            value = "(%s)%s" % (dst_t, value) if width == 1 else \
+                "convert_%s%d_rte(%s)" % (dst_t, width, value)
+        target = access(ptr, dst_t, width)
+        if target is None:
+            return "vstore%d(%s, 0, %s + at);" % (width, value, ptr)
+        return "%s = %s;" % (target, value)
 
     args = []
     for k in range(n_tensors):

@@ -8,6 +8,7 @@ dispatch, checkpoints — lives here once.
 """
 
 import math
+from contextlib import contextmanager
 from collections.abc import Mapping, Set
 
 import numpy as np
@@ -20,6 +21,19 @@ from netcl.optim import _multi_tensor
 
 def _describe(index, name):
     return f"parameter {index}" + (f" ({name!r})" if name is not None else "")
+
+
+@contextmanager
+def _naming(index, name):
+    """Prefix a TypeError/ValueError raised inside with the parameter it is about.
+
+    The message is only built when something fails, which keeps the per-step
+    checks cheap.
+    """
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{_describe(index, name)}: {exc}") from None
 
 
 def check_non_negative(name, value):
@@ -75,6 +89,10 @@ class Optimizer:
         self._context = None
         self._queue = None
         self._plans = {}
+        # Kernel objects by (slots, aligned, dtype, flags): the flags determine
+        # the state names, so those need not be part of the key.
+        self._kernels = {}
+        self._checked_data = {}
 
         if isinstance(params, Set):
             self.add_param_group({"params": params})  # raises torch's message for sets
@@ -123,8 +141,8 @@ class Optimizer:
         base = len(self._all_params())
         context = self._context
         for offset, p in enumerate(params):
-            where = _describe(base + offset, names[offset] if names else None)
-            context = self._check_param(p, where, context)
+            with _naming(base + offset, names[offset] if names else None):
+                context = self._check_param(p, context)
 
         ids = [id(p) for p in params]
         if len(set(ids)) != len(ids):
@@ -161,20 +179,21 @@ class Optimizer:
         return [p for group in self.param_groups for p in group["params"]]
 
     @staticmethod
-    def _check_param(p, where, context):
+    def _check_param(p, context):
+        """Raise TypeError/ValueError if p cannot be optimised here; returns its context."""
         data = getattr(p, "data", None)
         if not isinstance(data, cla.Array):
-            raise TypeError(f"{where}: .data must be a pyopencl.array.Array, "
+            raise TypeError(f".data must be a pyopencl.array.Array, "
                             f"got {type(data).__name__}")
         if data.dtype not in (np.float32, np.float64):
-            raise TypeError(f"{where}: dtype {data.dtype} is not supported "
+            raise TypeError(f"dtype {data.dtype} is not supported "
                             "(netcl optimizers update float32 and float64 parameters)")
         if not data.flags.c_contiguous:
-            raise ValueError(f"{where}: .data must be C-contiguous")
+            raise ValueError(f".data must be C-contiguous")
         if context is not None and data.context != context:
-            raise ValueError(f"{where}: lives in another OpenCL context than the other parameters")
+            raise ValueError(f"lives in another OpenCL context than the other parameters")
         if data.dtype == np.float64 and not _kernels.supports_fp64(data.context.devices[0]):
-            raise TypeError(f"{where}: float64 needs a device with cl_khr_fp64")
+            raise TypeError(f"float64 needs a device with cl_khr_fp64")
         return data.context
 
     # ------------------------------------------------------------------ hooks
@@ -214,21 +233,21 @@ class Optimizer:
             else:
                 p.grad.fill(0, queue=self._queue)
 
-    def _check_grad(self, p, where):
+    def _check_grad(self, p):
         grad = p.grad
         if not isinstance(grad, cla.Array):
-            raise TypeError(f"{where}: .grad must be None or a pyopencl.array.Array, "
+            raise TypeError(f".grad must be None or a pyopencl.array.Array, "
                             f"got {type(grad).__name__}")
         if grad.shape != p.data.shape:
-            raise ValueError(f"{where}: grad shape {grad.shape} does not match "
+            raise ValueError(f"grad shape {grad.shape} does not match "
                              f"parameter shape {p.data.shape}")
         if grad.dtype != p.data.dtype:
-            raise TypeError(f"{where}: grad dtype {grad.dtype} does not match "
+            raise TypeError(f"grad dtype {grad.dtype} does not match "
                             f"parameter dtype {p.data.dtype}")
         if grad.context != self._context:
-            raise ValueError(f"{where}: grad lives in another OpenCL context than the parameter")
+            raise ValueError("grad lives in another OpenCL context than the parameter")
         if not grad.flags.c_contiguous:
-            raise ValueError(f"{where}: grad must be C-contiguous")
+            raise ValueError("grad must be C-contiguous")
 
     def step(self, closure=None):
         """Perform one optimization step over every parameter with a gradient.
@@ -242,27 +261,32 @@ class Optimizer:
 
         work = []
         index = 0
+        checked_data = {}
         for group in self.param_groups:
             self._validate_group(group)
+            needed = set(self._state_names(group))
             active = []
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                where = _describe(index + i, names[i] if names else None)
                 if p.grad is None:
                     continue
-                self._check_param(p, where, self._context)
-                self._check_grad(p, where)
-                state = self.state.get(id(p))
-                if state:
-                    missing = set(self._state_names(group)) - set(state)
-                    if missing:
+                with _naming(index + i, names[i] if names else None):
+                    # An Array's dtype, shape and context never change, so a
+                    # data array that passed once needs no second look.
+                    if self._checked_data.get(id(p)) is not p.data:
+                        self._check_param(p, self._context)
+                        checked_data[id(p)] = p.data
+                    self._check_grad(p)
+                    state = self.state.get(id(p))
+                    if state and not needed.issubset(state):
                         raise ValueError(
-                            f"{where}: state lacks {sorted(missing)}, which this group's "
+                            f"state lacks {sorted(needed - set(state))}, which this group's "
                             "settings need; set them before the first step")
                 active.append(p)
             index += len(group["params"])
             work.append((group, active))
 
+        self._checked_data.update(checked_data)
         fresh = set()
         for group, active in work:
             for p in active:
@@ -300,36 +324,47 @@ class Optimizer:
 
     def _dispatch(self, params, dtype, state_names, flags, scalars):
         device = self._context.devices[0]
-        slot_choices = _multi_tensor.slot_counts(device, len(state_names), len(self.scalar_names))
-        key = (dtype, tuple(p.data.size for p in params))
-        launches = self._plans.get(key)
-        if launches is None:
-            launches = _multi_tensor.plan(self._context, key[1], slot_choices)
-            self._plans[key] = launches
-
-        tensor_args = []
+        width = _multi_tensor.vector_width(device, dtype)
+        tensor_args, aligned = [], []
         for p in params:
             state = self.state.get(id(p), {})
-            args = [p.data.base_data, _multi_tensor.element_offset(p.data),
-                    p.grad.base_data, _multi_tensor.element_offset(p.grad)]
+            p_offset = _multi_tensor.element_offset(p.data)
+            g_offset = _multi_tensor.element_offset(p.grad)
+            args = [p.data.base_data, p_offset, p.grad.base_data, g_offset]
             args.extend(state[name].base_data for name in state_names)
             tensor_args.append(args)
+            aligned.append(p_offset % width == 0 and g_offset % width == 0)
+
+        # The launch plan (chunk tables) depends only on lengths and alignment,
+        # so it is built once and every later step reuses it.
+        key = (dtype, len(state_names), tuple(p.data.size for p in params), tuple(aligned))
+        launches = self._plans.get(key)
+        if launches is None:
+            slot_choices = _multi_tensor.slot_counts(
+                device, len(state_names), len(self.scalar_names))
+            launches = _multi_tensor.plan(self._context, key[2], aligned, slot_choices)
+            self._plans[key] = launches
 
         scalar_type = dtype.type
         scalars = [scalar_type(value) for value in scalars]
+        group_size = _multi_tensor.local_size(device)
+        flag_key = tuple(sorted(flags.items()))
         for launch in launches:
-            kernel = self._kernel(dtype, launch.slots, state_names, flags)
-            _multi_tensor.enqueue(self._queue, kernel, launch, tensor_args, scalars)
+            kernel = self._kernels.get((launch.slots, launch.aligned, dtype, flag_key))
+            if kernel is None:
+                kernel = self._kernel(dtype, launch, width, state_names, flags)
+                self._kernels[(launch.slots, launch.aligned, dtype, flag_key)] = kernel
+            _multi_tensor.enqueue(self._queue, kernel, launch, tensor_args, scalars, group_size)
 
-    def _kernel(self, dtype, slots, state_names, flags):
+    def _kernel(self, dtype, launch, width, state_names, flags):
         c_type = _kernels.c_type(dtype)
-        dtypes = ([None, np.uint32, None, np.uint32] + [None] * len(state_names)) * slots
+        dtypes = ([None, np.uint32, None, np.uint32] + [None] * len(state_names)) * launch.slots
         dtypes += [None] + [np.dtype(dtype)] * len(self.scalar_names)
         return _kernels.get_kernel(
             self._context, self.template, "optimizer_step", dtypes,
-            param_t=c_type, state_t=c_type, n_tensors=slots,
-            vector_width=_multi_tensor.vector_width(self._context.devices[0], dtype),
-            state_names=tuple(state_names), scalar_names=tuple(self.scalar_names), **flags)
+            param_t=c_type, state_t=c_type, n_tensors=launch.slots, vector_width=width,
+            aligned=launch.aligned, state_names=tuple(state_names),
+            scalar_names=tuple(self.scalar_names), **flags)
 
     # -------------------------------------------------------------- state_dict
     def state_dict(self, format="netcl"):
