@@ -248,7 +248,7 @@ def test_quick_run_writes_json(tmp_path, capsys):
 
 
 @requires_opencl
-@pytest.mark.parametrize("n", [1, 15, 16, 37, 4096 + 5])
+@pytest.mark.parametrize("n", [1, 15, 16, 37, 4096 + 5, 2 * 16 * 1024 + 37])
 def test_ceiling_kernel_updates_every_element(n):
     import numpy as np
     import pyopencl as cl
@@ -259,7 +259,7 @@ def test_ceiling_kernel_updates_every_element(n):
     rng = np.random.default_rng(n)
     a0, b0, c0 = (rng.random(n, dtype=np.float32) for _ in range(3))
     a, b, c = (cla.to_device(queue, x) for x in (a0, b0, c0))
-    kernel(queue, bench.ceiling_global_size(n), None, a.data, b.data, c.data, 0.5, n)
+    bench.launch_ceiling(kernel, queue, a, b, c, 0.5, n)
     np.testing.assert_allclose(a.get(), a0 + np.float32(0.5) * c0, rtol=1e-6)
     np.testing.assert_allclose(b.get(), b0 * np.float32(0.5) + c0, rtol=1e-6)
     np.testing.assert_array_equal(c.get(), c0)
