@@ -491,6 +491,7 @@ def measure_ceiling(queue, n=FULL_FLAT_SIZE, steps=20, warmup=3, tick=None, seed
     kernel = ceiling_kernel(queue.context)
     rng = np.random.default_rng(seed)
     a, b, c = (cla.to_device(queue, rng.random(n, dtype=np.float32)) for _ in range(3))
+
     def step():
         # s is tiny so the values stay put however many steps run.
         launch_ceiling(kernel, queue, a, b, c, 1e-7, n)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from netcl.optim import SGD, Adam, AdamW, CheckpointError, RMSProp, checkpoint
 from netcl.optim.checkpoint_file import read_tensors, write_tensors
 
 from conftest import Mirror, assert_state_matches, make_queue
+from _kill import kill_mid_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _resume_worker as worker  # noqa: E402
@@ -110,35 +110,8 @@ def test_resume_in_new_process_is_bit_exact(ctx_factory, tmp_path):
 def test_sigkill_mid_save_keeps_previous_checkpoint(ctx_factory, tmp_path):
     queue = make_queue(ctx_factory)
     path = tmp_path / "opt.safetensors"
-    proc = subprocess.Popen([sys.executable, str(WORKER), "kill", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_ctx_env(queue))
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "A-saved", proc.stderr.read()
-        deadline = time.monotonic() + 120
-        tmp = None
-        while time.monotonic() < deadline:
-            tmps = [f for f in os.listdir(tmp_path) if f.startswith(".opt.safetensors.")]
-            if tmps:
-                try:
-                    if (tmp_path / tmps[0]).stat().st_size > 0:
-                        tmp = tmp_path / tmps[0]
-                        break
-                except FileNotFoundError:
-                    pass
-            assert proc.poll() is None, "the large save finished before it was killed"
-            time.sleep(0.001)
-        assert tmp is not None, "temporary file never appeared"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_mid_save([sys.executable, str(WORKER), "kill", str(tmp_path)], _ctx_env(queue),
+                  tmp_path, "A-saved", ".opt.safetensors.")
 
     params, opt = worker.make_small(queue)
     netcl.optim.load(opt, path)  # the first checkpoint, complete

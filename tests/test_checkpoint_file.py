@@ -11,14 +11,14 @@ import os
 import random
 import signal
 import struct
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _kill import kill_mid_save
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_PATH = REPO / "netcl" / "optim" / "checkpoint_file.py"
@@ -693,35 +693,8 @@ _KILL_CHILD = textwrap.dedent("""
 def test_sigkill_mid_save_keeps_previous_checkpoint(cf, tmp_path):
     path = tmp_path / "ckpt.safetensors"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILL_CHILD, str(MODULE_PATH), str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "A-written", proc.stderr.read()
-        deadline = time.monotonic() + 60
-        tmp = None
-        while time.monotonic() < deadline:
-            tmps = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-            if tmps:
-                tmp = tmp_path / tmps[0]
-                try:
-                    if tmp.stat().st_size > 0:  # data is being written
-                        break
-                except FileNotFoundError:
-                    pass
-            assert proc.poll() is None, "writer finished before it was killed"
-            time.sleep(0.0005)
-        assert tmp is not None, "temporary file never appeared"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    tmp = kill_mid_save([sys.executable, "-c", _KILL_CHILD, str(MODULE_PATH), str(path)], env,
+                        tmp_path, "A-written", ".ckpt.safetensors.", timeout=60)
     full_size = 8 + 32 * 4 * (1 << 20)
     print(f"killed with {tmp.stat().st_size} of >{full_size} bytes written")
 

@@ -3,7 +3,6 @@
 import itertools
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cla
 import pytest
 

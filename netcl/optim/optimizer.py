@@ -189,11 +189,11 @@ class Optimizer:
             raise TypeError(f"dtype {data.dtype} is not supported "
                             "(netcl optimizers update float32 and float64 parameters)")
         if not data.flags.c_contiguous:
-            raise ValueError(f".data must be C-contiguous")
+            raise ValueError(".data must be C-contiguous")
         if context is not None and data.context != context:
-            raise ValueError(f"lives in another OpenCL context than the other parameters")
+            raise ValueError("lives in another OpenCL context than the other parameters")
         if data.dtype == np.float64 and not _kernels.supports_fp64(data.context.devices[0]):
-            raise TypeError(f"float64 needs a device with cl_khr_fp64")
+            raise TypeError("float64 needs a device with cl_khr_fp64")
         return data.context
 
     # ------------------------------------------------------------------ hooks
