@@ -15,6 +15,8 @@ loads them before and stores p and the state after.
 
 Inputs: param_t, state_t (OpenCL C scalar types), vector_width, n_tensors,
 state_names, scalar_names (hyperparameter arguments, passed as state_t),
+tensor_scalar_names (arguments passed once per tensor, e.g. bias corrections
+that depend on the tensor's own step count, as state_t),
 aligned (every tensor's data and gradient start on a vector boundary, so
 whole vectors can be read through vector pointers).
 
@@ -59,6 +61,8 @@ runs as a plain loop.
         args.append("__global const %s *restrict g%d, const uint g%d_offset" % (param_t, k, k))
         for name in state_names:
             args.append("__global %s *restrict %s%d" % (state_t, name, k))
+        for name in tensor_scalar_names:
+            args.append("const %s %s%d" % (state_t, name, k))
     args.append("__global const uint *restrict chunks")
     for name in scalar_names:
         args.append("const %s %s" % (state_t, name))
@@ -96,6 +100,9 @@ __kernel void optimizer_step(
 % for name in state_names:
     __global ${state_t} *${name}_ptr;
 % endfor
+% for name in tensor_scalar_names:
+    ${state_t} ${name};
+% endfor
     switch (k) {
 % for k in range(n_tensors):
     case ${k}:
@@ -103,6 +110,9 @@ __kernel void optimizer_step(
         g_ptr = g${k} + g${k}_offset + start;
   % for name in state_names:
         ${name}_ptr = ${name}${k} + start;
+  % endfor
+  % for name in tensor_scalar_names:
+        ${name} = ${name}${k};
   % endfor
         break;
 % endfor

@@ -41,6 +41,8 @@ import numpy as np  # noqa: E402
 import pyopencl as cl  # noqa: E402
 import pyopencl.array as cla  # noqa: E402
 
+from netcl.device import layout as device_layout  # noqa: E402
+
 DTYPE = np.dtype(np.float32)
 
 # ---------------------------------------------------------------------------
@@ -431,9 +433,10 @@ def time_steps(step, sync, steps, warmup, tick=None):
 _CEILING_SRC = r"""
 // Reads a, b, c and writes a, b: the traffic of a plain RMSProp step
 // (param, grad, v in; param, v out). Work item i owns `per` consecutive
-// float16s of each array; work item 0 also does the n % 16 leftovers.
+// floatW vectors of each array; work item 0 also does the n % W leftovers.
+// W is the vector width netcl's own kernels use on the device.
 //
-// The body dereferences float16 pointers instead of calling vload16/vstore16
+// The body dereferences floatW pointers instead of calling vloadW/vstoreW
 // on float pointers: on PoCL (CPU) the latter measured about half the
 // bandwidth, and a ceiling must be the best the device can do. The cast is
 // valid because each array is a whole buffer, whose start OpenCL aligns to
@@ -444,19 +447,19 @@ __kernel void read3_write2(__global float *a, __global float *b,
                            __global const float *c, const float s, const ulong n,
                            const ulong per)
 {
-    const size_t n16 = n / 16;
+    const size_t n16 = n / W;
     const size_t begin = get_global_id(0) * per;
     const size_t end = min((size_t)(begin + per), n16);
-    __global float16 *a16 = (__global float16 *)a;
-    __global float16 *b16 = (__global float16 *)b;
-    __global const float16 *c16 = (__global const float16 *)c;
+    __global floatW *a16 = (__global floatW *)a;
+    __global floatW *b16 = (__global floatW *)b;
+    __global const floatW *c16 = (__global const floatW *)c;
     for (size_t i = begin; i < end; ++i) {
-        const float16 va = a16[i], vb = b16[i], vc = c16[i];
-        a16[i] = mad(vc, (float16)(s), va);
-        b16[i] = mad(vb, (float16)(s), vc);
+        const floatW va = a16[i], vb = b16[i], vc = c16[i];
+        a16[i] = mad(vc, (floatW)(s), va);
+        b16[i] = mad(vb, (floatW)(s), vc);
     }
     if (get_global_id(0) == 0) {
-        for (size_t j = n16 * 16; j < n; ++j) {
+        for (size_t j = n16 * W; j < n; ++j) {
             const float x = a[j], y = b[j], z = c[j];
             a[j] = mad(z, s, x);
             b[j] = mad(y, s, z);
@@ -465,13 +468,15 @@ __kernel void read3_write2(__global float *a, __global float *b,
 }
 """
 
-_CEILING_PER_ITEM = 1024  # float16 vectors per work item: 64 KiB of each array
+_CEILING_PER_ITEM_BYTES = 65536  # of each array per work item
 
 
 def ceiling_kernel(context):
-    """The read-3/write-2 kernel, ``a = a + s*c; b = b*s + c``; run it with
-    :func:`launch_ceiling`."""
-    program = cl.Program(context, _CEILING_SRC).build()
+    """The read-3/write-2 kernel, ``a = a + s*c; b = b*s + c``, in the
+    device's netcl layout; run it with :func:`launch_ceiling`."""
+    width = device_layout(context.devices[0]).vector_width(np.float32)
+    source = _CEILING_SRC.replace("floatW", f"float{width}" if width > 1 else "float")
+    program = cl.Program(context, source).build(options=[f"-DW={width}"])
     # Each ``program.read3_write2`` access builds a new kernel object, which
     # would drop the scalar dtypes set here.
     kernel = program.read3_write2
@@ -481,9 +486,12 @@ def ceiling_kernel(context):
 
 def launch_ceiling(kernel, queue, a, b, c, s, n):
     """Enqueue the ceiling kernel over ``n`` floats of the Arrays a, b, c."""
-    items = max(1, -(-(n // 16) // _CEILING_PER_ITEM))
-    local = (1,) if queue.device.type & cl.device_type.CPU else None
-    return kernel(queue, (items,), local, a.data, b.data, c.data, s, n, _CEILING_PER_ITEM)
+    width = device_layout(queue.device).vector_width(np.float32)
+    per_item = _CEILING_PER_ITEM_BYTES // (4 * width)
+    items = max(1, -(-(n // width) // per_item))
+    local = device_layout(queue.device).local_size
+    items = -(-items // local) * local
+    return kernel(queue, (items,), (local,), a.data, b.data, c.data, s, n, per_item)
 
 
 def measure_ceiling(queue, n=FULL_FLAT_SIZE, steps=20, warmup=3, tick=None, seed=0):

@@ -20,12 +20,12 @@ import numpy as np
 import pyopencl.array as cla
 
 from netcl import _kernels
-from netcl.device import default_queue
+from netcl.device import default_queue, layout as device_layout
 from netcl.parameter import Parameter
 
 __all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy", "take_rows"]
 
-_BLOCK = (4, 8)  # rows x columns of outputs per matmul work item
+_BLOCK_ROWS = 4  # rows of outputs per matmul work item; columns: one device vector
 _XENT_GROUP = 64
 _U = np.uint32
 
@@ -75,7 +75,8 @@ def _matmul(queue, a, b, out, m, n, k, trans_a=False, trans_b=False, bias=None,
         args += _arg(bias)
         dtypes += [None, _U]
     dtypes += [_U] * 4
-    rows, width = _BLOCK
+    # One device vector of columns (at least 2: the template has no 1-wide vectors).
+    rows, width = _BLOCK_ROWS, max(2, device_layout(queue.device).vector_width(out.dtype))
     kernel = _kernel(queue, "matmul", dtypes, T=c_type, rows=rows, width=width,
                      trans_a=bool(trans_a), trans_b=bool(trans_b), bias=bias is not None)
     kernel(queue, (-(-n // width), -(-m // rows)), None, *args, _U(m), _U(n), _U(k),

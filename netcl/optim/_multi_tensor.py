@@ -19,35 +19,17 @@ _MAX_SLOTS = 32
 _UINT_LIMIT = 2**32 - CHUNK
 
 
-def local_size(device):
-    """Work-items per group: one on CPUs, where PoCL then runs each row as a
-    plain vector loop (larger groups measured 30-60% slower there), and a
-    coalescing 64 on GPUs."""
-    return 1 if device.type & cl.device_type.CPU else 64
-
-
-def vector_width(device, dtype):
-    """Elements per explicit vector in the kernel body.
-
-    CPU devices get 64-byte vectors (a cache line; PoCL does not widen scalar
-    code with sqrt by itself); GPUs get 16-byte vectors, which coalesce well.
-    Never wider than the alignment the device guarantees for buffers, since
-    aligned launches read through vector pointers.
-    """
-    vector_bytes = 64 if device.type & cl.device_type.CPU else 16
-    vector_bytes = min(vector_bytes, max(1, device.mem_base_addr_align // 8))
-    return max(1, vector_bytes // np.dtype(dtype).itemsize)
-
-
-def slot_counts(device, n_state, n_scalars):
+def slot_counts(device, n_state, n_tensor_scalars, n_scalars):
     """The tensor counts kernels are rendered for, largest first.
 
-    A kernel takes 2 + n_state pointers and two uint offsets per tensor; the
-    device caps the total argument size (1 KiB on PoCL). Powers of two below the
-    maximum keep the number of distinct builds small whatever the model.
+    A kernel takes 2 + n_state pointers, two uint offsets and n_tensor_scalars
+    scalars per tensor; the device caps the total argument size (1 KiB on
+    PoCL). Powers of two below the maximum keep the number of distinct builds
+    small whatever the model.
     """
     pointer = device.address_bits // 8
-    per_tensor = (2 + n_state) * pointer + 2 * 8  # offsets counted padded to 8 bytes
+    # offsets and scalars counted padded to 8 bytes
+    per_tensor = (2 + n_state) * pointer + (2 + n_tensor_scalars) * 8
     budget = device.max_parameter_size - pointer - 8 * n_scalars
     k_max = max(1, min(_MAX_SLOTS, budget // per_tensor))
     counts = [k_max]
@@ -110,6 +92,25 @@ def element_offset(array):
     if offset >= _UINT_LIMIT:
         raise ValueError("an array's offset into its buffer exceeds 32-bit indexing")
     return offset
+
+
+class Batch:
+    """The launches of one step for one group's tensors of one dtype, with
+    everything they need, prepared before anything is enqueued."""
+
+    __slots__ = ("params", "launches", "kernels", "tensor_args", "scalars", "group_size")
+
+    def __init__(self, params, launches, kernels, tensor_args, scalars, group_size):
+        self.params = params
+        self.launches = launches
+        self.kernels = kernels
+        self.tensor_args = tensor_args
+        self.scalars = scalars
+        self.group_size = group_size
+
+    def enqueue(self, queue):
+        for kernel, launch in zip(self.kernels, self.launches):
+            enqueue(queue, kernel, launch, self.tensor_args, self.scalars, self.group_size)
 
 
 def enqueue(queue, kernel, launch, tensor_args, scalars, group_size):

@@ -6,15 +6,14 @@ AdamW is not a separate algorithm here: it is Adam with
 flag too) and a default weight decay of 1e-2.
 """
 
-from netcl.optim.optimizer import Optimizer, check_flag, check_non_negative
+from netcl.optim.optimizer import Optimizer, check_flag, check_non_negative, is_number
 
 
 def _check_betas(betas):
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair of numbers in [0, 1))")
     for index, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) \
-                or not 0.0 <= beta < 1.0:
+        if not is_number(beta) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} "
                              "(must lie in [0, 1))")
 
@@ -55,8 +54,9 @@ class Adam(Optimizer):
     """
 
     template = "adam.cl.mako"
-    scalar_names = ("one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size",
-                    "bias_correction2_sqrt", "eps", "weight_decay_value", "decay_factor")
+    scalar_names = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+                    "weight_decay_value", "decay_factor")
+    tensor_scalar_names = ("neg_step_size", "bias_correction2_sqrt")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False):
@@ -86,18 +86,23 @@ class Adam(Optimizer):
                     decoupled=weight_decay and bool(group["decoupled_weight_decay"]),
                     amsgrad=bool(group["amsgrad"]))
 
-    def _scalar_args(self, group, step):
-        # torch computes these on Python floats (float64) from the float step.
+    def _scalar_args(self, group):
+        # torch computes these on Python floats (float64); the kernel argument
+        # rounds them to the state type as torch rounds Python scalars.
         lr = float(group["lr"])
         beta1, beta2 = (float(b) for b in group["betas"])
         weight_decay = float(group["weight_decay"])
+        return (1 - beta1, beta2, 1 - beta2, float(group["eps"]), weight_decay,
+                1 - lr * weight_decay)
+
+    def _tensor_scalar_args(self, group, step):
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
         step = float(step)
         bias_correction1 = 1 - beta1 ** step
         bias_correction2 = 1 - beta2 ** step
         step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2 ** 0.5
-        return (1 - beta1, beta2, 1 - beta2, -step_size, bias_correction2_sqrt,
-                float(group["eps"]), weight_decay, 1 - lr * weight_decay)
+        return (-step_size, bias_correction2 ** 0.5)
 
 
 class AdamW(Adam):

@@ -8,6 +8,7 @@ dispatch, checkpoints — lives here once.
 """
 
 import math
+import numbers
 from contextlib import contextmanager
 from collections.abc import Mapping, Set
 
@@ -16,7 +17,13 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from netcl import _kernels
+from netcl.device import layout as device_layout
 from netcl.optim import _multi_tensor
+
+# Launch plans kept per optimizer. A model whose gradients are all present
+# every step uses one plan per (group, dtype); steps with missing gradients
+# each need their own, and the least recently used is dropped past this.
+_PLAN_CACHE_SIZE = 32
 
 
 def _describe(index, name):
@@ -36,15 +43,18 @@ def _naming(index, name):
         raise type(exc)(f"{_describe(index, name)}: {exc}") from None
 
 
+def is_number(value):
+    """A real number as torch accepts one: Python or NumPy ints and floats, not bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_non_negative(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0 \
-            or math.isinf(value):
+    if not is_number(value) or not value >= 0.0 or math.isinf(value):
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
 
 
 def check_unit_interval(name, value, *, upper_open=False):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-            0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+    if not is_number(value) or not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
         interval = "[0, 1)" if upper_open else "[0, 1]"
         raise ValueError(f"Invalid {name} value: {value!r} (must lie in {interval})")
 
@@ -69,13 +79,18 @@ class Optimizer:
     first parameter's queue (or a new queue on its context) and a step never
     waits for the device.
 
-    Subclasses define ``template``, ``scalar_names`` and the hooks
-    ``_validate_group``, ``_state_names``, ``_initial_state``,
-    ``_kernel_flags`` and ``_scalar_args``.
+    Subclasses define ``template``, ``scalar_names``, ``tensor_scalar_names``
+    and the hooks ``_validate_group``, ``_state_names``, ``_initial_state``,
+    ``_kernel_flags``, ``_scalar_args`` and ``_tensor_scalar_args``.
     """
 
     template = None
+    #: Hyperparameter kernel arguments shared by every tensor of a launch.
     scalar_names = ()
+    #: Kernel arguments that depend on a tensor's own step count (bias
+    #: corrections, SGD's first step), passed per tensor so that tensors at
+    #: different step counts still share a launch.
+    tensor_scalar_names = ()
     #: Whether each parameter's state counts its updates in ``state['step']``.
     #: A family that keeps no count (torch's SGD) sets this False; a parameter
     #: whose group then needs no state buffers gets no state entry at all.
@@ -88,11 +103,12 @@ class Optimizer:
         self.param_groups = []
         self._context = None
         self._queue = None
-        self._plans = {}
+        self._plans = {}  # insertion-ordered: least recently used first
         # Kernel objects by (slots, aligned, dtype, flags): the flags determine
         # the state names, so those need not be part of the key.
         self._kernels = {}
         self._checked_data = {}
+        self._device_layout = None
 
         if isinstance(params, Set):
             self.add_param_group({"params": params})  # raises torch's message for sets
@@ -213,25 +229,47 @@ class Optimizer:
         """Structural template flags (booleans); they key the kernel cache."""
         raise NotImplementedError
 
-    def _scalar_args(self, group, step):
-        """Hyperparameter arguments as floats (``scalar_names`` order) for a step.
+    def _scalar_args(self, group):
+        """Hyperparameter arguments as floats, in ``scalar_names`` order."""
+        raise NotImplementedError
+
+    def _tensor_scalar_args(self, group, step):
+        """Per-tensor arguments as floats (``tensor_scalar_names`` order).
 
         ``step`` is the parameter's update count including this update. Where
         ``step_in_state`` is False it is 1 for a parameter whose state this
-        step created and ``None`` otherwise.
+        step creates and ``None`` otherwise.
         """
-        raise NotImplementedError
+        return ()
 
     # ------------------------------------------------------------------- step
     def zero_grad(self, set_to_none=True):
-        """Reset gradients: to ``None`` by default, as torch, else to zeros in place."""
-        for p in self._all_params():
-            if p.grad is None:
-                continue
-            if set_to_none:
+        """Reset gradients: to ``None`` by default, as torch, else to zeros in place.
+
+        With ``set_to_none=False`` every gradient is checked to be an Array
+        first, so a bad one raises before any gradient has been zeroed.
+        """
+        params = [p for p in self._all_params() if p.grad is not None]
+        if set_to_none:
+            for p in params:
                 p.grad = None
-            else:
-                p.grad.fill(0, queue=self._queue)
+            return
+        for p in params:
+            if not isinstance(p.grad, cla.Array):
+                raise TypeError(f"{self._describe_param(p)}: .grad must be None or a "
+                                f"pyopencl.array.Array, got {type(p.grad).__name__}")
+        for p in params:
+            p.grad.fill(0, queue=self._queue)
+
+    def _describe_param(self, p):
+        index = 0
+        for group in self.param_groups:
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return _describe(index + i, names[i] if names else None)
+            index += len(group["params"])
+        return "parameter"
 
     def _check_grad(self, p):
         grad = p.grad
@@ -249,24 +287,68 @@ class Optimizer:
         if not grad.flags.c_contiguous:
             raise ValueError("grad must be C-contiguous")
 
+    def _check_state(self, p, state, needed):
+        """Raise unless ``state`` still fits ``p``: every buffer the kernel will
+        write must have the parameter's shape and dtype, or the step would
+        read and write outside it (e.g. after ``p.data`` was replaced by a
+        larger or float64 array)."""
+        missing = [name for name in needed if name not in state]
+        if missing:
+            raise ValueError(f"state lacks {sorted(missing)}, which this group's "
+                             "settings need; set them before the first step")
+        for name in needed:
+            buffer = state[name]
+            if not isinstance(buffer, cla.Array):
+                raise TypeError(f"state {name!r} must be a pyopencl.array.Array, "
+                                f"got {type(buffer).__name__}")
+            if buffer.shape != p.data.shape or buffer.dtype != p.data.dtype:
+                raise ValueError(
+                    f"state {name!r} has shape {buffer.shape} and dtype {buffer.dtype}, but "
+                    f"the parameter now has shape {p.data.shape} and dtype {p.data.dtype}; "
+                    "an optimizer's state belongs to the array it was created for — "
+                    "create a new optimizer (or load a matching state) after replacing .data")
+            if buffer.offset != 0 or buffer.context != self._context:
+                raise ValueError(f"state {name!r} must be a whole buffer (offset 0) "
+                                 "in the optimizer's context")
+
     def step(self, closure=None):
         """Perform one optimization step over every parameter with a gradient.
 
-        Everything is validated before anything is changed. The kernels are
-        enqueued and the call returns without waiting for the device.
+        Everything that can fail — hyperparameters, parameters, gradients,
+        state buffers, launch plans, kernel builds — is checked and prepared
+        before anything changes: an error leaves params, state and step counts
+        as they were. The kernels are then enqueued and the call returns
+        without waiting for the device.
         """
         loss = None
         if closure is not None:
             loss = closure()
+        batches, new_state, checked_data = self._prepare_step()
+        # Nothing below raises on valid input: commit state, then enqueue.
+        self._checked_data.update(checked_data)
+        self.state.update(new_state)
+        if self.step_in_state:
+            for batch in batches:
+                for p in batch.params:
+                    self.state[id(p)]["step"] += 1
+        for batch in batches:
+            batch.enqueue(self._queue)
+        return loss
 
-        work = []
-        index = 0
+    def _prepare_step(self):
+        """Check everything and build what the step needs; change nothing.
+
+        Returns the step's batches (one per group and dtype), the state
+        entries to create and the parameter arrays newly checked.
+        """
+        active_groups = []
         checked_data = {}
+        index = 0
         for group in self.param_groups:
             self._validate_group(group)
-            needed = set(self._state_names(group))
-            active = []
+            needed = self._state_names(group)
             names = group.get("param_names")
+            active = []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -278,93 +360,118 @@ class Optimizer:
                         checked_data[id(p)] = p.data
                     self._check_grad(p)
                     state = self.state.get(id(p))
-                    if state and not needed.issubset(state):
-                        raise ValueError(
-                            f"state lacks {sorted(needed - set(state))}, which this group's "
-                            "settings need; set them before the first step")
+                    if state:
+                        self._check_state(p, state, needed)
                 active.append(p)
             index += len(group["params"])
-            work.append((group, active))
+            active_groups.append((group, needed, active))
 
-        self._checked_data.update(checked_data)
-        fresh = set()
-        for group, active in work:
+        new_state = {}
+        batches = []
+        for group, needed, active in active_groups:
             for p in active:
                 if not self.state.get(id(p)):
                     state = self._new_state(group, p)
                     if state:
-                        self.state[id(p)] = state
-                        fresh.add(id(p))
-        for group, active in work:
-            self._update_group(group, active, fresh)
-        return loss
+                        new_state[id(p)] = state
+            by_dtype = {}
+            for p in active:
+                by_dtype.setdefault(p.data.dtype, []).append(p)
+            flags = self._kernel_flags(group)
+            for dtype, members in by_dtype.items():
+                batches.append(self._batch(group, needed, flags, dtype, members, new_state))
+        return batches, new_state, checked_data
 
     def _new_state(self, group, p):
         state = {"step": 0} if self.step_in_state else {}
         for name in self._state_names(group):
             buffer = cla.empty(self._queue, p.data.shape, p.data.dtype)
-            buffer.fill(self._initial_state(group, name))
+            if buffer.nbytes:
+                # A fill command, not pyopencl's fill kernel: nothing to build.
+                pattern = np.asarray(self._initial_state(group, name), p.data.dtype)
+                cl.enqueue_fill_buffer(self._queue, buffer.base_data, pattern, 0, buffer.nbytes)
             state[name] = buffer
         return state
 
-    def _update_group(self, group, params, fresh=frozenset()):
-        buckets = {}
-        for p in params:
-            if self.step_in_state:
-                state = self.state[id(p)]
-                state["step"] += 1
-                step = state["step"]
-            else:
-                step = 1 if id(p) in fresh else None
-            buckets.setdefault((p.data.dtype, step), []).append(p)
-        state_names = self._state_names(group)
-        flags = self._kernel_flags(group)
-        for (dtype, step), members in buckets.items():
-            self._dispatch(members, dtype, state_names, flags, self._scalar_args(group, step))
-
-    def _dispatch(self, params, dtype, state_names, flags, scalars):
-        device = self._context.devices[0]
-        width = _multi_tensor.vector_width(device, dtype)
+    def _batch(self, group, state_names, flags, dtype, params, new_state):
+        """The launches of one group's parameters of one dtype, ready to enqueue."""
+        layout = self._layout()
+        width = layout.vector_width(dtype)
+        scalar_type = dtype.type
+        per_step = {}  # tensor scalars by step: computed once per distinct step
         tensor_args, aligned = [], []
         for p in params:
-            state = self.state.get(id(p), {})
+            state = self.state.get(id(p)) or new_state.get(id(p), {})
+            if self.step_in_state:
+                step = state["step"] + 1
+            else:
+                step = 1 if id(p) in new_state else None
+            if step not in per_step:
+                per_step[step] = [scalar_type(v) for v in self._tensor_scalar_args(group, step)]
             p_offset = _multi_tensor.element_offset(p.data)
             g_offset = _multi_tensor.element_offset(p.grad)
             args = [p.data.base_data, p_offset, p.grad.base_data, g_offset]
             args.extend(state[name].base_data for name in state_names)
+            args.extend(per_step[step])
             tensor_args.append(args)
             aligned.append(p_offset % width == 0 and g_offset % width == 0)
+        launches = self._plan(dtype, len(state_names), [p.data.size for p in params], aligned)
+        flag_key = tuple(sorted(flags.items()))
+        kernels = []
+        for launch in launches:
+            key = (launch.slots, launch.aligned, dtype, flag_key)
+            kernel = self._kernels.get(key)
+            if kernel is None:
+                kernel = self._kernels[key] = self._kernel(dtype, launch, width, state_names,
+                                                           flags)
+            kernels.append(kernel)
+        scalars = [scalar_type(value) for value in self._scalar_args(group)]
+        return _multi_tensor.Batch(params, launches, kernels, tensor_args, scalars,
+                                   layout.local_size)
 
-        # The launch plan (chunk tables) depends only on lengths and alignment,
-        # so it is built once and every later step reuses it.
-        key = (dtype, len(state_names), tuple(p.data.size for p in params), tuple(aligned))
-        launches = self._plans.get(key)
+    def _layout(self):
+        if self._device_layout is None:
+            self._device_layout = device_layout(self._context.devices[0])
+        return self._device_layout
+
+    def _plan(self, dtype, n_state, lengths, aligned):
+        """The launches for tensors of these lengths, from a bounded cache.
+
+        The plan (chunk tables) depends only on lengths and alignment, so a
+        model whose gradients are all present every step builds it once; the
+        cache keeps the most recently used plans for steps with missing grads.
+        """
+        key = (dtype, n_state, tuple(lengths), tuple(aligned))
+        launches = self._plans.pop(key, None)
         if launches is None:
             slot_choices = _multi_tensor.slot_counts(
-                device, len(state_names), len(self.scalar_names))
-            launches = _multi_tensor.plan(self._context, key[2], aligned, slot_choices)
-            self._plans[key] = launches
-
-        scalar_type = dtype.type
-        scalars = [scalar_type(value) for value in scalars]
-        group_size = _multi_tensor.local_size(device)
-        flag_key = tuple(sorted(flags.items()))
-        for launch in launches:
-            kernel = self._kernels.get((launch.slots, launch.aligned, dtype, flag_key))
-            if kernel is None:
-                kernel = self._kernel(dtype, launch, width, state_names, flags)
-                self._kernels[(launch.slots, launch.aligned, dtype, flag_key)] = kernel
-            _multi_tensor.enqueue(self._queue, kernel, launch, tensor_args, scalars, group_size)
+                self._context.devices[0], n_state,
+                len(self.tensor_scalar_names), len(self.scalar_names))
+            launches = _multi_tensor.plan(self._context, lengths, aligned, slot_choices)
+            while len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = launches  # most recently used last
+        return launches
 
     def _kernel(self, dtype, launch, width, state_names, flags):
+        """This optimizer's own kernel object for one launch shape.
+
+        Kernel objects are never shared between optimizers: setting arguments
+        and enqueueing is not atomic, so two optimizers stepping in two
+        threads would race on a shared one.
+        """
         c_type = _kernels.c_type(dtype)
-        dtypes = ([None, np.uint32, None, np.uint32] + [None] * len(state_names)) * launch.slots
-        dtypes += [None] + [np.dtype(dtype)] * len(self.scalar_names)
-        return _kernels.get_kernel(
-            self._context, self.template, "optimizer_step", dtypes,
+        program = _kernels.get_program(
+            self._context, self.template, "optimizer_step",
             param_t=c_type, state_t=c_type, n_tensors=launch.slots, vector_width=width,
             aligned=launch.aligned, state_names=tuple(state_names),
+            tensor_scalar_names=tuple(self.tensor_scalar_names),
             scalar_names=tuple(self.scalar_names), **flags)
+        per_tensor = [None, np.uint32, None, np.uint32] + [None] * len(state_names)
+        per_tensor += [np.dtype(dtype)] * len(self.tensor_scalar_names)
+        dtypes = per_tensor * launch.slots + [None]
+        dtypes += [np.dtype(dtype)] * len(self.scalar_names)
+        return _kernels.new_kernel(program, "optimizer_step", dtypes)
 
     # -------------------------------------------------------------- state_dict
     def state_dict(self, format="netcl"):

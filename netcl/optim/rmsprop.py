@@ -111,8 +111,8 @@ class RMSProp(Optimizer):
 
     template = "rmsprop.cl.mako"
     scalar_names = ("lr", "alpha", "one_minus_alpha", "eps",
-                    "weight_decay_value", "momentum_value",
-                    "decay_factor", "bias_correction_value")
+                    "weight_decay_value", "momentum_value", "decay_factor")
+    tensor_scalar_names = ("bias_correction_value",)
 
     #: Framework name -> the full keyword arguments that reproduce it.
     #: Sources: torch/optim/rmsprop.py (torch 2.13); TF1
@@ -208,14 +208,17 @@ class RMSProp(Optimizer):
                     decoupled=weight_decay and bool(group["decoupled_weight_decay"]),
                     clamp_variance=centered and bool(group["clamp_variance"]))
 
-    def _scalar_args(self, group, step):
+    def _scalar_args(self, group):
         # Host factors in float64, rounded once to the kernel's type.
         lr = float(group["lr"])
         alpha = float(group["alpha"])
         weight_decay = float(group["weight_decay"])
-        bias_correction = 1.0 - alpha ** step if group["bias_correction"] else 1.0
         return (lr, alpha, 1.0 - alpha, float(group["eps"]), weight_decay,
-                float(group["momentum"]), 1.0 - lr * weight_decay, bias_correction)
+                float(group["momentum"]), 1.0 - lr * weight_decay)
+
+    def _tensor_scalar_args(self, group, step):
+        alpha = float(group["alpha"])
+        return (1.0 - alpha ** step if group["bias_correction"] else 1.0,)
 
 
 RMSprop = RMSProp

@@ -2,11 +2,11 @@
 
 import math
 
-from netcl.optim.optimizer import Optimizer, check_flag, check_non_negative
+from netcl.optim.optimizer import Optimizer, check_flag, check_non_negative, is_number
 
 
 def _check_finite(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number)")
 
 
@@ -44,8 +44,8 @@ class SGD(Optimizer):
     """
 
     template = "sgd.cl.mako"
-    scalar_names = ("lr", "weight_decay_value", "momentum_value", "one_minus_dampening",
-                    "first_step")
+    scalar_names = ("lr", "weight_decay_value", "momentum_value", "one_minus_dampening")
+    tensor_scalar_names = ("first_step",)
     step_in_state = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
@@ -74,10 +74,13 @@ class SGD(Optimizer):
         return dict(maximize=bool(group["maximize"]), weight_decay=group["weight_decay"] != 0,
                     momentum=momentum, nesterov=momentum and bool(group["nesterov"]))
 
-    def _scalar_args(self, group, step):
-        # step is 1 on the update that creates the momentum buffer (see the base).
+    def _scalar_args(self, group):
         return (float(group["lr"]), float(group["weight_decay"]), float(group["momentum"]),
-                1 - float(group["dampening"]), 1.0 if step == 1 else 0.0)
+                1 - float(group["dampening"]))
+
+    def _tensor_scalar_args(self, group, step):
+        # step is 1 on the update that creates the momentum buffer (see the base).
+        return (1.0 if step == 1 else 0.0,)
 
 
 __all__ = ["SGD"]

@@ -1,0 +1,145 @@
+"""The kernel layout netcl picks per device, its overrides, the default device
+choice, and recovery from a poisoned on-disk kernel cache."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyopencl as cl
+import pytest
+
+from netcl import device as netcl_device
+
+from conftest import make_queue
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def queue(ctx_factory):
+    return make_queue(ctx_factory)
+
+
+def test_cpu_vectors_are_never_wider_than_32_bytes(queue, monkeypatch):
+    """PoCL 3.0 on Zen 4 reports 64-byte native vectors but compiles for znver3:
+    64-byte vectors abort the process inside LLVM."""
+    monkeypatch.delenv(netcl_device.LAYOUT_ENV, raising=False)
+    monkeypatch.delenv(netcl_device.VECTOR_BYTES_ENV, raising=False)
+    layout = netcl_device.layout(queue.device)
+    if queue.device.type & cl.device_type.CPU:
+        assert layout.kind == "cpu" and layout.local_size == 1
+        assert layout.vector_bytes <= 32
+        assert layout.vector_width(np.float64) <= 4
+    else:
+        assert layout.kind == "gpu" and layout.local_size == 64
+        assert layout.vector_bytes == 16
+
+
+def test_layout_overrides(queue, monkeypatch):
+    monkeypatch.setenv(netcl_device.LAYOUT_ENV, "gpu")
+    monkeypatch.setenv(netcl_device.VECTOR_BYTES_ENV, "8")
+    layout = netcl_device.layout(queue.device)
+    assert (layout.kind, layout.local_size, layout.vector_bytes) == ("gpu", 64, 8)
+    assert layout.vector_width(np.float32) == 2
+    assert "NETCL_LAYOUT=gpu" in layout.reason and "NETCL_VECTOR_BYTES=8" in layout.reason
+
+
+@pytest.mark.parametrize("name, value", [
+    ("NETCL_LAYOUT", "fpga"), ("NETCL_VECTOR_BYTES", "24"), ("NETCL_VECTOR_BYTES", "sixty")])
+def test_invalid_override_names_the_variable(queue, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        netcl_device.layout(queue.device)
+
+
+class FakePlatform:
+    def __init__(self, name):
+        self.name = name
+
+
+class FakeDevice:
+    def __init__(self, platform, type):
+        self.platform = FakePlatform(platform)
+        self.type = type
+
+
+def test_default_device_is_never_the_simulator():
+    all_bits = cl.device_type.CPU | cl.device_type.GPU | cl.device_type.ACCELERATOR
+    grind = FakeDevice("Oclgrind", all_bits)
+    pocl = FakeDevice("Portable Computing Language", cl.device_type.CPU)
+    gpu = FakeDevice("AMD Accelerated Parallel Processing", cl.device_type.GPU)
+    assert netcl_device.pick_reason([grind, pocl])[0] is pocl
+    assert netcl_device.pick_reason([grind, pocl, gpu])[0] is gpu
+    assert netcl_device.pick_reason([grind])[0] is grind  # nothing else to run on
+
+
+STEP = """
+import numpy as np, pyopencl.array as cla, netcl
+from netcl.optim import Adam
+q = netcl.default_queue()
+p = netcl.Parameter(cla.to_device(q, np.linspace(-1, 1, 1000).astype(np.float32)))
+p.grad = cla.to_device(q, np.linspace(2, -2, 1000).astype(np.float32))
+opt = Adam([p], lr=0.1)
+opt.step(); opt.step()
+np.save(__import__("sys").argv[1], p.data.get())
+"""
+
+
+def _ctx_env(queue, tmp_path):
+    for p, platform in enumerate(cl.get_platforms()):
+        devices = platform.get_devices()
+        if queue.device in devices:
+            ctx = f"{p}:{devices.index(queue.device)}"
+            break
+    return dict(os.environ, PYOPENCL_CTX=ctx, PYTHONPATH=str(REPO),
+                POCL_CACHE_DIR=str(tmp_path / "pocl"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+
+
+def test_poisoned_pocl_cache_is_rebuilt_and_evicted(queue, tmp_path):
+    """A broken program.bc in PoCL's cache yields a program without kernels
+    (INVALID_KERNEL_NAME). The step must still run, correctly, with a warning
+    naming the entry, and the entry must be gone for the next process."""
+    if "Portable Computing Language" not in queue.device.platform.name:
+        pytest.skip("PoCL's on-disk cache layout")
+    env = _ctx_env(queue, tmp_path)
+    script = tmp_path / "step.py"
+    script.write_text(STEP)
+
+    def run(name):
+        return subprocess.run([sys.executable, "-W", "always", str(script),
+                               str(tmp_path / name)],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    clean = run("clean.npy")
+    assert clean.returncode == 0, clean.stderr
+    entries = list((tmp_path / "pocl").rglob("program.bc"))
+    assert entries
+    for entry in entries:  # a broken binary, as an aborted build can leave
+        entry.write_bytes(entry.read_bytes()[:200])
+    # PoCL itself may abort at exit once it has loaded a broken binary: judge
+    # this run by its output and warning, the next one by everything.
+    poisoned = run("poisoned.npy")
+    assert "broken entry in the on-disk kernel cache" in poisoned.stderr, poisoned.stderr
+    assert str(tmp_path / "pocl") in poisoned.stderr
+    assert np.array_equal(np.load(tmp_path / "clean.npy"), np.load(tmp_path / "poisoned.npy"))
+    after = run("after.npy")
+    assert after.returncode == 0, after.stderr
+    assert "broken entry" not in after.stderr
+    assert np.array_equal(np.load(tmp_path / "clean.npy"), np.load(tmp_path / "after.npy"))
+
+
+def test_build_error_names_the_cache_directories(queue, monkeypatch):
+    from netcl import _kernels
+
+    def broken(context, source, kernel_name, bypass_cache):
+        raise cl.LogicError("clCreateKernel failed: INVALID_KERNEL_NAME")
+
+    monkeypatch.setattr(_kernels, "_build", broken)
+    fresh = cl.Context([queue.device])  # nothing cached for it yet
+    with pytest.raises(_kernels.KernelBuildError) as info:
+        _kernels.get_program(fresh, "nn.cl.mako", "relu_forward", kernel="relu_forward",
+                             T="float")
+    for directory in _kernels.cache_directories():
+        assert directory in str(info.value)
