@@ -2,11 +2,14 @@
 bit-exact resume in a new process, atomic saves under SIGKILL, validation that
 leaves the optimizer untouched on failure, schema versions, torch interop."""
 
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +172,7 @@ def test_file_layout(queue, saved):
     assert tensors["state.1.square_avg"].shape == (3, 2)
     assert set(meta) == {"format", "schema_version", "optimizer", "netcl_version",
                          "param_groups", "params"}
-    assert meta["format"] == "netcl.optim" and meta["schema_version"] == "1"
+    assert meta["format"] == "netcl.optim" and meta["schema_version"] == "2"
     assert meta["optimizer"] == "RMSProp" and meta["netcl_version"] == netcl.__version__
     (group,) = json.loads(meta["param_groups"])
     assert group["params"] == [0, 1] and group["param_names"] == ["a", "b"]
@@ -245,19 +248,75 @@ def _edit_json(key, edit):
     return change
 
 
+def _split(raw):
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _join(header, data):
+    body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body + data
+
+
+def _without_checksums(raw, **metadata):
+    """``raw`` as netcl wrote it before checksums (schema 1): the same bytes
+    without the ``netcl.checksums`` entry; ``metadata`` entries changed."""
+    header, data = _split(raw)
+    del header["__metadata__"]["netcl.checksums"]
+    header["__metadata__"].update(metadata)
+    return _join(header, data)
+
+
+def _flip_last_bit(raw):
+    return raw[:-1] + bytes([raw[-1] ^ 1])
+
+
+def _replace_once(old, new):
+    def spoil(raw):
+        assert raw.count(old) == 1
+        return raw.replace(old, new)
+    return spoil
+
+
+def _torch_file(zipfile):
+    """What torch.save writes for a torch optimizer's state_dict."""
+    import torch
+
+    w = torch.zeros(5, requires_grad=True)
+    opt = torch.optim.RMSprop([w], lr=0.02, momentum=0.9)
+    w.grad = torch.ones(5)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf, _use_new_zipfile_serialization=zipfile)
+    return buf.getvalue()
+
+
 #: name -> (how to spoil the saved file's bytes or content, message pattern)
 CORRUPT = {
+    "bit-flip-data": (_flip_last_bit,
+                      r"bad.safetensors: tensor 'state.1.square_avg': checksum mismatch"),
+    "bit-flip-header": (_replace_once(b"0.02", b"0.03"),  # the lr
+                        "bad.safetensors: header checksum mismatch"),
+    "no-checksums": (_without_checksums, "carries no checksums.*schema 2 always do"),
+    "torch-zip": (lambda b: _torch_file(True),
+                  "bad.safetensors: not a safetensors file: it looks like a zip archive, "
+                  "the format of torch.save"),
+    "torch-pickle": (lambda b: _torch_file(False),
+                     "not a safetensors file: it looks like a Python pickle.*legacy torch.save"),
+    "text": (lambda b: b'{"lr": 0.02}\n', "not a safetensors file: it looks like a text file"),
     "truncated": (lambda b: b[:len(b) // 2], "truncated or corrupt"),
     "header-cut": (lambda b: b[:20], "header length .* exceeds the file size"),
-    "empty": (lambda b: b"", "shorter than the 8-byte header"),
+    "empty": (lambda b: b"", "not a safetensors file: the file is empty.*"
+                             "shorter than the 8-byte header"),
     "garbage": (lambda b: bytes(range(256)) * 4, "header length"),
     "bad-json": (lambda b: b[:8] + b"[" + b[9:], "header is not valid JSON|JSON"),
     "not-netcl": (lambda t, m: m.pop("format"), "not a netcl optimizer checkpoint"),
-    "newer-schema": (lambda t, m: m.update(schema_version="2"),
-                     "schema 2, newer than schema 1.*upgrade"),
+    "newer-schema": (lambda t, m: m.update(schema_version="3"),
+                     "schema 3, newer than schema 2.*upgrade"),
     "bad-schema": (lambda t, m: m.update(schema_version="one"), "invalid schema_version"),
     "no-migration": (lambda t, m: m.update(schema_version="0"),
-                     "schema 0, which this netcl cannot convert to schema 1"),
+                     "schema 0, which this netcl cannot convert to schema 2"),
     "metadata-json": (lambda t, m: m.update(params="[{"), "metadata is not valid JSON"),
     "missing-key": (lambda t, m: m.pop("params"), "metadata lacks 'params'"),
     "tensor-shape": (lambda t, m: t.update({"state.1.square_avg": np.zeros(6, np.float32)}),
@@ -357,6 +416,122 @@ def test_older_schema_is_migrated(queue, saved, tmp_path, monkeypatch):
     monkeypatch.setitem(checkpoint._MIGRATIONS, 0, lambda t, m: m["no such key"])
     with pytest.raises(CheckpointError, match="cannot convert from checkpoint schema 0 to 1"):
         opt.load(old)
+
+
+def test_schema_1_file_loads_unverified(queue, saved, tmp_path):
+    """A file as netcl wrote it before checksums (schema 1: no netcl.checksums
+    entry) loads like the same state saved now, without verification; a
+    schema-2 file without checksums is refused."""
+    old = tmp_path / "schema1.safetensors"
+    raw = _without_checksums(saved.read_bytes(), schema_version="1")
+    old.write_bytes(raw)
+    _, opt = _stepped(queue, momentum=0.9, steps=0)
+    opt.load(old)
+    _, expected = _stepped(queue, momentum=0.9, steps=0)
+    expected.load(saved)
+    _assert_same_snapshot(_snapshot(opt), _snapshot(expected))
+    assert checkpoint.read(old)[1]["schema_version"] == 1
+    # Saving it again writes schema 2, with checksums: the file saved today.
+    opt.save(tmp_path / "again.safetensors")
+    assert (tmp_path / "again.safetensors").read_bytes() == saved.read_bytes()
+    # Unverified, as documented: a flipped bit in a schema-1 file's data loads.
+    old.write_bytes(_flip_last_bit(raw))
+    _, damaged = _stepped(queue, momentum=0.9, steps=0)
+    damaged.load(old)
+    assert damaged.state_dict()["state"][1]["square_avg"].tobytes() != \
+        expected.state_dict()["state"][1]["square_avg"].tobytes()
+    # Schema 2 requires checksums.
+    old.write_bytes(_without_checksums(saved.read_bytes()))
+    before = _snapshot(opt)
+    with pytest.raises(CheckpointError, match="schema1.safetensors: the file carries no "
+                                              "checksums.*schema 2 always do"):
+        opt.load(old)
+    _assert_same_snapshot(_snapshot(opt), before)
+
+
+#: Optimizers whose files hold every kind of state buffer, float32 and float64.
+BUFFER_KINDS = {
+    "rmsprop_centered_momentum": (RMSProp, dict(momentum=0.9, centered=True), np.float32),
+    "rmsprop_float64": (RMSProp, dict(momentum=0.9, centered=True), np.float64),
+    "adam_amsgrad": (Adam, dict(amsgrad=True), np.float32),
+    "adamw_amsgrad_float64": (AdamW, dict(amsgrad=True), np.float64),
+    "sgd_momentum": (SGD, dict(lr=0.1, momentum=0.9), np.float32),
+}
+
+
+@pytest.mark.parametrize("case", BUFFER_KINDS)
+def test_flipped_bit_in_any_state_buffer_is_refused(queue, tmp_path, case):
+    """One flipped bit in any buffer's data: load refuses, naming the file and
+    the tensor, and the optimizer (fresh or stepped) is left as it was."""
+    cls, kwargs, dtype = BUFFER_KINDS[case]
+    if dtype == np.float64 and "cl_khr_fp64" not in queue.device.extensions:
+        pytest.skip("needs float64")
+    _, source = _stepped(queue, cls, dtype=dtype, **kwargs)
+    good = tmp_path / "good.safetensors"
+    source.save(good)
+    raw = good.read_bytes()
+    header, data = _split(raw)
+    start = len(raw) - len(data)
+    names = sorted(name for name in header if name != "__metadata__")
+    buffers = {name.split(".")[2] for name in names}
+    assert len(buffers) == {RMSProp: 3, Adam: 3, AdamW: 3, SGD: 1}[cls]
+    fresh, stepped = _stepped(queue, cls, steps=0, dtype=dtype, **kwargs)[1], \
+        _stepped(queue, cls, steps=1, dtype=dtype, **kwargs)[1]
+    before = [_snapshot(fresh), _snapshot(stepped)]
+    bad = tmp_path / "bad.safetensors"
+    for i, name in enumerate(names):
+        begin, end = header[name]["data_offsets"]
+        position = start + (begin + end) // 2
+        bit = i % 8
+        bad.write_bytes(raw[:position] + bytes([raw[position] ^ 1 << bit]) + raw[position + 1:])
+        for opt, snapshot in zip((fresh, stepped), before):
+            with pytest.raises(CheckpointError,
+                               match=f"bad.safetensors: tensor '{name}': checksum mismatch"):
+                opt.load(bad)
+            _assert_same_snapshot(_snapshot(opt), snapshot)
+    fresh.load(good)  # the undamaged file loads
+
+
+def test_torch_save_file_is_refused_naming_it(queue, tmp_path):
+    torch = pytest.importorskip("torch")
+    w = torch.zeros(5, requires_grad=True)
+    t_opt = torch.optim.RMSprop([w], lr=0.02, momentum=0.9)
+    w.grad = torch.ones(5)
+    t_opt.step()
+    path = tmp_path / "opt.pt"
+    torch.save(t_opt.state_dict(), path)
+    _, opt = _stepped(queue, momentum=0.9, lr=0.5, shapes=((5,),), names=None)
+    before = _snapshot(opt)
+    with pytest.raises(CheckpointError) as info:
+        netcl.optim.load(opt, path)
+    assert str(info.value) == (
+        f"{path}: not a safetensors file: it looks like a zip archive, the format of "
+        "torch.save (and numpy.savez): load it with torch.load; netcl checkpoints are "
+        "safetensors files written by netcl.optim.save")
+    _assert_same_snapshot(_snapshot(opt), before)
+    # What to do instead: torch's state_dict goes through load_state_dict.
+    opt.load_state_dict(torch.load(path))
+    assert opt.param_groups[0]["lr"] == 0.02
+
+
+def test_checksums_survive_save_load_save(queue, saved, tmp_path):
+    header, data = _split(saved.read_bytes())
+    checksums = json.loads(header["__metadata__"]["netcl.checksums"])
+    assert checksums["algorithm"] == "crc32"
+    names = sorted(name for name in header if name != "__metadata__")
+    assert sorted(checksums["tensors"]) == names
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        assert checksums["tensors"][name] == f"{zlib.crc32(data[begin:end]):08x}"
+    # read() and load() never see the entry; saving again restores it bit for bit.
+    assert "netcl.checksums" not in read_tensors(saved)[1]
+    for steps in (0, 1):
+        _, opt = _stepped(queue, momentum=0.9, steps=steps)
+        opt.load(saved)
+        again = tmp_path / f"again{steps}.safetensors"
+        opt.save(again)
+        assert again.read_bytes() == saved.read_bytes()
+        opt.load(again)
 
 
 def test_unstorable_group_value(queue, tmp_path):

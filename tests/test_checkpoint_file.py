@@ -9,10 +9,12 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import struct
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -201,12 +203,17 @@ def test_header_layout(cf, tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
     header = json.loads(raw[8:8 + n])
+    # The user's metadata, plus the checksums write_tensors always adds.
+    checksums = json.loads(header["__metadata__"].pop(cf.CHECKSUMS_KEY))
     assert header["__metadata__"] == {"m": "1"}
+    assert checksums["algorithm"] == "crc32" and set(checksums["tensors"]) == set("abc")
     for name in "abc":
         info = header[name]
         begin, end = info["data_offsets"]
         itemsize = {"U8": 1, "F64": 8, "I32": 4}[info["dtype"]]
         assert begin % itemsize == 0  # every tensor naturally aligned
+        data = raw[8 + n + begin:8 + n + end]
+        assert checksums["tensors"][name] == f"{zlib.crc32(data):08x}"
     assert max(h["data_offsets"][1] for k, h in header.items()
                if k != "__metadata__") == len(raw) - 8 - n
 
@@ -293,7 +300,10 @@ def test_cross_check_with_safetensors(cf, tmp_path):
     cf.write_tensors(ours, tensors, meta)
     assert_same(st_numpy.load_file(str(ours)), tensors)
     with safetensors.safe_open(str(ours), framework="np") as f:
-        assert f.metadata() == meta
+        # The reference reader sees netcl's checksums as one more entry.
+        theirs_meta = f.metadata()
+        assert json.loads(theirs_meta.pop(cf.CHECKSUMS_KEY))["algorithm"] == "crc32"
+        assert theirs_meta == meta
 
     theirs = tmp_path / "theirs.safetensors"
     st_numpy.save_file(tensors, str(theirs), metadata=meta)
@@ -707,3 +717,258 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(cf, tmp_path):
     # A new save still works next to it.
     cf.write_tensors(path, {"c": np.ones(2)}, {"which": "C"})
     assert cf.read_tensors(path)[1] == {"which": "C"}
+
+
+# --------------------------------------------------------------------------
+# checksums
+# --------------------------------------------------------------------------
+
+def split_file(raw):
+    """(header dict, data bytes) of a file's bytes."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def without_checksums(raw):
+    """The file as netcl wrote it before checksums existed: the same bytes
+    with the checksums entry (and a then empty __metadata__) left out."""
+    header, data = split_file(raw)
+    del header["__metadata__"][CHECKSUMS_KEY]
+    if not header["__metadata__"]:
+        del header["__metadata__"]
+    body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return raw_file(None, data, header_bytes=body)
+
+
+def with_checksums(raw, edit):
+    """``raw`` with its checksums entry replaced by ``edit(parsed entry)``,
+    or by ``edit`` itself when it is a str."""
+    header, data = split_file(raw)
+    meta = header["__metadata__"]
+    if isinstance(edit, str):
+        meta[CHECKSUMS_KEY] = edit
+    else:
+        entry = json.loads(meta[CHECKSUMS_KEY])
+        edit(entry)
+        meta[CHECKSUMS_KEY] = json.dumps(entry)
+    return raw_file(header, data)
+
+
+CHECKSUMS_KEY = "netcl.checksums"
+
+
+def test_checksums_key(cf):
+    assert cf.CHECKSUMS_KEY == CHECKSUMS_KEY
+
+
+def test_every_file_carries_crc32_of_each_tensor_and_the_header(cf, tmp_path):
+    raw = valid_bytes(cf, tmp_path)
+    header, data = split_file(raw)
+    entry = json.loads(header["__metadata__"].pop(CHECKSUMS_KEY))
+    assert set(entry) == {"algorithm", "header", "tensors"}
+    assert entry["algorithm"] == "crc32"
+    names = set(header) - {"__metadata__"}
+    assert set(entry["tensors"]) == names == set(sample_tensors())
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        assert entry["tensors"][name] == f"{zlib.crc32(data[begin:end]):08x}", name
+    canonical = {"metadata": header["__metadata__"],
+                 "tensors": {name: [header[name]["dtype"], header[name]["shape"],
+                                    *header[name]["data_offsets"]] for name in names}}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    assert entry["header"] == f"{zlib.crc32(text.encode('ascii')):08x}"
+
+
+def flip_bit(raw, position, bit):
+    buf = bytearray(raw)
+    buf[position] ^= 1 << bit
+    return bytes(buf)
+
+
+def test_flipped_bit_in_any_tensor_is_refused_naming_it(cf, tmp_path):
+    """Every dtype, 0-d and n-d, first/middle/last byte, low and high bit;
+    BOOL's low bit (0 <-> 1) included, which nothing else would notice."""
+    raw = valid_bytes(cf, tmp_path)
+    header, _ = split_file(raw)
+    start = len(raw) - len(split_file(raw)[1])
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if begin == end:
+            continue
+        for position in sorted({begin, (begin + end) // 2, end - 1}):
+            for bit in (0, 7):
+                msg = expect_error(cf, tmp_path, flip_bit(raw, start + position, bit),
+                                   f"tensor {name!r}: checksum mismatch", "damaged")
+                assert msg.count("tensor ") == 1, msg  # names this tensor only
+
+
+@pytest.mark.skipif(not hasattr(os, "pwrite"), reason="needs os.pwrite")
+def test_every_single_bit_flip_in_the_file_is_refused(cf, tmp_path):
+    """Header length, header (metadata, layout, checksums, padding) and data:
+    no single flipped bit goes unnoticed when checksums are required."""
+    p = tmp_path / "small.safetensors"
+    cf.write_tensors(p, {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                         "b": np.array([True, False]), "s": np.array(7, np.int64)},
+                     {"format": "netcl.optim", "lr": "0.02"})
+    raw = p.read_bytes()
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        for position in range(len(raw)):
+            for bit in range(8):
+                os.pwrite(fd, bytes([raw[position] ^ 1 << bit]), position)
+                with pytest.raises(CheckpointError, match=re.escape(str(p))):
+                    cf.read_tensors(p, require_checksums=True)
+            os.pwrite(fd, raw[position:position + 1], position)
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == raw
+
+
+def test_edited_header_is_refused(cf, tmp_path):
+    """A metadata value, a metadata key or a layout change that keeps the file
+    well-formed is caught by the header's checksum, before any data is read."""
+    raw = valid_bytes(cf, tmp_path)
+    for old, new in [(b'"epoch":"3"', b'"epoch":"4"'), (b'"format"', b'"formax"'),
+                     (b'"shape":[3,5]', b'"shape":[5,3]')]:
+        assert raw.count(old) == 1
+        expect_error(cf, tmp_path, raw.replace(old, new), "header checksum mismatch",
+                     "altered or damaged")
+
+
+def test_truncated_file_is_refused(cf, tmp_path):
+    raw = valid_bytes(cf, tmp_path)
+    header, data = split_file(raw)
+    # Cut inside the data, inside the header, inside the length field, to nothing.
+    expect_error(cf, tmp_path, raw[:-1], "truncated")
+    expect_error(cf, tmp_path, raw[:len(raw) - len(data) - 5], "exceeds the file size",
+                 "truncated")
+    expect_error(cf, tmp_path, raw[:5], "5 bytes long, shorter than")
+    expect_error(cf, tmp_path, b"", "not a safetensors file", "empty")
+    # Cut and then "repaired": the last tensor shortened to what is left and the
+    # header rewritten to match. Well-formed, but the header's checksum says no.
+    last = max((n for n in header if n != "__metadata__"),
+               key=lambda n: header[n]["data_offsets"][0])
+    assert header[last]["dtype"] == "BOOL" and header[last]["shape"] == [2, 3, 4]
+    header[last]["shape"] = [1, 3, 4]
+    header[last]["data_offsets"][1] -= 12
+    expect_error(cf, tmp_path, raw_file(header, data[:-12]), "header checksum mismatch")
+
+
+def test_files_without_checksums_read_unverified_unless_required(cf, tmp_path):
+    """Files from the reference writer or from netcl before checksums."""
+    old = without_checksums(valid_bytes(cf, tmp_path))
+    p = tmp_path / "old.safetensors"
+    p.write_bytes(old)
+    got, meta = cf.read_tensors(p)
+    assert_same(got, sample_tensors())
+    assert meta == {"format": "np", "epoch": "3"}
+    # Unverified: damaged data goes unnoticed in such a file.
+    p.write_bytes(old[:-1] + bytes([old[-1] ^ 1]))
+    cf.read_tensors(p)
+    with pytest.raises(CheckpointError, match="carries no checksums"):
+        cf.read_tensors(p, require_checksums=True)
+    seen = []
+
+    def require(metadata):
+        seen.append(metadata)
+        return "files of format 'np' always do"
+
+    with pytest.raises(CheckpointError, match=r"\(files of format 'np' always do\)"):
+        cf.read_tensors(p, require_checksums=require)
+    assert seen == [{"format": "np", "epoch": "3"}]
+    assert cf.read_tensors(p, require_checksums=lambda m: None)[1]["epoch"] == "3"
+    # Files with checksums satisfy the requirement (the callable is not asked).
+    cf.write_tensors(p, sample_tensors(), {})
+    assert_same(cf.read_tensors(p, require_checksums=require)[0], sample_tensors())
+    assert len(seen) == 1
+
+
+def test_checksums_survive_round_trips_bit_exactly(cf, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    cf.write_tensors(a, sample_tensors(), {"format": "np"})
+    tensors, meta = cf.read_tensors(a)
+    assert CHECKSUMS_KEY not in meta  # netcl's own entry, not the caller's
+    cf.write_tensors(b, tensors, meta)
+    assert a.read_bytes() == b.read_bytes()
+    # An edited tensor gets a fresh checksum: read-modify-write just works.
+    tensors["w"][0, 0] += 1
+    cf.write_tensors(b, tensors, meta)
+    assert cf.read_tensors(b)[0]["w"][0, 0] == tensors["w"][0, 0]
+
+
+def test_checksums_key_is_reserved(cf, tmp_path):
+    with pytest.raises(ValueError, match="netcl.checksums.*reserved"):
+        cf.write_tensors(tmp_path / "w.safetensors", {"x": np.ones(1)},
+                         {CHECKSUMS_KEY: "{}"})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ("not json", "'netcl.checksums' is not valid json"),
+    ("[]", "must be an object with keys"),
+    (lambda e: e.pop("header"), "must be an object with keys"),
+    (lambda e: e.update(extra=1), "must be an object with keys"),
+    (lambda e: e.update(algorithm="sha256"), "unknown checksum algorithm 'sha256'"),
+    (lambda e: e.update(tensors=[]), "'tensors' must be an object"),
+    (lambda e: e["tensors"].pop("w"), "tensor 'w' has no checksum"),
+    (lambda e: e["tensors"].update(ghost="00000000"), "checksum for tensor 'ghost'"),
+    (lambda e: e["tensors"].update(w=e["tensors"]["w"].upper()), "8 lowercase hex"),
+    (lambda e: e["tensors"].update(w=12345678), "8 lowercase hex"),
+    (lambda e: e.update(header="0"), "8 lowercase hex"),
+])
+def test_malformed_checksums_entry(cf, tmp_path, edit, fragment):
+    raw = valid_bytes(cf, tmp_path)
+    expect_error(cf, tmp_path, with_checksums(raw, edit), fragment)
+
+
+# --------------------------------------------------------------------------
+# files that are no safetensors file at all
+# --------------------------------------------------------------------------
+
+def test_torch_save_files_are_named(cf, tmp_path):
+    torch = pytest.importorskip("torch")
+    state = {"state": {0: {"square_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}
+    p = tmp_path / "opt.pt"
+    torch.save(state, p)
+    assert p.read_bytes().startswith(b"PK\x03\x04")
+    with pytest.raises(CheckpointError,
+                       match=r"opt.pt: not a safetensors file: it looks like a zip archive, "
+                             r"the format of torch.save.*netcl.optim.save"):
+        cf.read_tensors(p)
+    torch.save(state, p, _use_new_zipfile_serialization=False)
+    assert p.read_bytes().startswith(b"\x80\x02")
+    with pytest.raises(CheckpointError, match=r"opt.pt: not a safetensors file: it looks like "
+                                              r"a Python pickle.*legacy torch.save"):
+        cf.read_tensors(p)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "the file is empty"),
+    (b"step,loss\n1,0.5\n", "a text file (it begins 'step,loss\\n1,0.5\\n')"),
+    ('{"lr": 0.1, "note": "ünï"}'.encode() * 5, "a text file (it begins '{\"lr\": 0.1"),
+    (b"hi", "a text file (it begins 'hi')"),
+    (b"\xef\xbb\xbfBOM and a cut multi-byte char \xe6\x97", "a text file"),
+    (b"\x80\x04\x95\x0a\x00\x00\x00\x00\x00\x00\x00}\x94.", "a python pickle"),
+    (b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'", "numpy .npy"),
+    (b"\x1f\x8b\x08\x00\x12\x34\x56\x78\x00\x03", "gzip"),
+    (b"PK\x03\x04\x14\x00\x00\x00\x08\x00", "zip archive"),
+])
+def test_not_a_safetensors_file(cf, tmp_path, content, fragment):
+    expect_error(cf, tmp_path, content, "not a safetensors file: ", fragment)
+
+
+def test_truncated_safetensors_is_not_mistaken_for_a_pickle(cf, tmp_path):
+    """A header of 640..1535 bytes starts the file with b"\\x80\\x02".."\\x05"
+    like a pickle: cut short, it is still reported as a truncated file."""
+    header = {"__metadata__": {"pad": ""}, "x": f32_entry([4], 0)}
+    header["__metadata__"]["pad"] = "x" * (640 - len(json.dumps(header)))
+    raw = raw_file(header, np.arange(4, dtype="<f4").tobytes())
+    assert raw[:8] == struct.pack("<Q", 640) and raw[:2] == b"\x80\x02"
+    p = tmp_path / "ok.safetensors"
+    p.write_bytes(raw)
+    assert cf.read_tensors(p)[0]["x"].tolist() == [0, 1, 2, 3]
+    for k in (8, 100, len(raw) - 1):
+        msg = expect_error(cf, tmp_path, raw[:k], "truncated")
+        assert "pickle" not in msg

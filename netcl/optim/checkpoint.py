@@ -8,7 +8,7 @@ the new checkpoint, never a mix); :func:`load` reads one back into an
 optimizer built over the same parameters, checking everything before anything
 changes. Loading and continuing gives the same bits as never stopping.
 
-File layout (schema 1)
+File layout (schema 2)
 ----------------------
 Tensors, one per state buffer, named ``state.<index>.<buffer>`` (e.g.
 ``state.0.square_avg``), where ``<index>`` numbers the parameters across
@@ -20,7 +20,7 @@ has no tensors.
 ``format``
     ``"netcl.optim"``: marks the file as a netcl optimizer checkpoint.
 ``schema_version``
-    ``"1"``: the layout described here (decimal).
+    ``"2"``: the layout described here (decimal).
 ``optimizer``
     the optimizer's class name, e.g. ``"RMSProp"``.
 ``netcl_version``
@@ -35,11 +35,22 @@ has no tensors.
     parameter's update count; ``null`` when it has no state or its optimizer
     keeps no count, as SGD) and ``"state"`` (the names of its buffers, or
     ``null`` when it has no state).
+``netcl.checksums``
+    the CRC-32 of every tensor and of the rest of the header, written and
+    verified by :mod:`netcl.optim.checkpoint_file` (see there). A flipped bit
+    anywhere in a tensor's data makes :func:`load` refuse the file with a
+    :class:`CheckpointError` naming the file and the tensor; one in the
+    metadata (a hyperparameter, a step count, a shape), naming the header.
+    :func:`read` and :func:`load` never see this entry.
 
-A file with a newer ``schema_version`` than this netcl reads is refused with
-:class:`CheckpointError`; an older one is converted step by step by the
-functions in ``_MIGRATIONS`` (``{old_version: function}``, each turning
-``(tensors, metadata)`` of its version into the next one) before decoding.
+Schema versions: schema 2 is schema 1 plus the checksums, which it requires:
+a schema-2 file without them is refused. Schema-1 files (netcl before
+checksums) have none; they still load, unverified, through the identity
+migration ``_MIGRATIONS[1]``. A file with a newer ``schema_version`` than this
+netcl reads is refused with :class:`CheckpointError`; an older one is
+converted step by step by the functions in ``_MIGRATIONS``
+(``{old_version: function}``, each turning ``(tensors, metadata)`` of its
+version into the next one) before decoding.
 """
 
 import inspect
@@ -57,13 +68,21 @@ __all__ = ["CheckpointError", "SCHEMA_VERSION", "encode", "load", "read", "save"
            "torch_state_dict"]
 
 FORMAT = "netcl.optim"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The first schema whose files must carry checksums.
+_CHECKSUMS_SINCE = 2
+
+
+def _migrate_1_to_2(tensors, metadata):
+    # Schema 2 only adds the checksums, which the file layer verifies and
+    # strips: a schema-1 file (which has none) decodes as it is, unverified.
+    return tensors, metadata
+
 
 #: ``{version: migrate}``: ``migrate(tensors, metadata)`` returns the same
 #: checkpoint in the layout of ``version + 1`` (``metadata["schema_version"]``
-#: is updated by the caller). Schema 1 is the first; a future schema 2 adds
-#: ``{1: _migrate_1_to_2}`` here.
-_MIGRATIONS = {}
+#: is updated by the caller). Schema 1 is the first.
+_MIGRATIONS = {1: _migrate_1_to_2}
 
 _DTYPES = ("float32", "float64")
 _PARAM_KEYS = frozenset({"shape", "dtype", "step", "state"})
@@ -83,7 +102,8 @@ def save(optimizer, path):
 
 
 def encode(optimizer):
-    """The ``(tensors, metadata)`` pair :func:`save` writes (see the module doc)."""
+    """The ``(tensors, metadata)`` pair :func:`save` writes (see the module doc);
+    ``write_tensors`` adds the ``netcl.checksums`` entry."""
     state_dict = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tensors = {}
@@ -142,8 +162,10 @@ def load(optimizer, path):
     loading. Every check happens before anything changes: on any error the
     optimizer is left exactly as it was.
 
-    Raises :class:`CheckpointError` for a file that is truncated, corrupt, not
-    a netcl optimizer checkpoint or from a newer schema; ``ValueError`` /
+    Raises :class:`CheckpointError` for a file that is truncated, corrupt
+    (a checksum mismatch names the tensor), not a netcl optimizer checkpoint
+    (not even a safetensors file, e.g. a ``torch.save`` file, is named as
+    such) or from a newer schema; ``ValueError`` /
     ``TypeError`` naming the group, parameter, expected and found values for a
     file that does not fit this optimizer; ``OSError`` for I/O problems.
     """
@@ -198,9 +220,9 @@ def read(path):
     ``"optimizer"`` (class name), ``"schema_version"`` (of the file, before
     migration), ``"netcl_version"`` and ``"params"`` (the per-parameter list
     described in the module doc). Raises :class:`CheckpointError` for anything
-    malformed.
+    malformed or damaged (see :func:`load`).
     """
-    tensors, metadata = read_tensors(path)
+    tensors, metadata = read_tensors(path, require_checksums=_checksums_required)
 
     def bad(what):
         return CheckpointError(f"{path}: {what}")
@@ -290,6 +312,18 @@ def read(path):
     info = {"optimizer": metadata["optimizer"], "schema_version": file_version,
             "netcl_version": metadata.get("netcl_version"), "params": params}
     return {"state": state, "param_groups": param_groups}, info
+
+
+def _checksums_required(metadata):
+    """For read_tensors, about a file without checksums: the reason it must have
+    them, or None. Only netcl checkpoints of schema 2 and later must; anything
+    else (a schema-1 checkpoint, no netcl checkpoint at all, a newer or invalid
+    schema) gets its own check in :func:`read`."""
+    version = metadata.get("schema_version", "")
+    if (metadata.get("format") == FORMAT and version.isascii() and version.isdigit()
+            and _CHECKSUMS_SINCE <= int(version) <= SCHEMA_VERSION):
+        return f"netcl optimizer checkpoints of schema {version} always do"
+    return None
 
 
 def _no_constant(token):
