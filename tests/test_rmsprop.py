@@ -1,4 +1,13 @@
-"""RMSProp against torch.optim.RMSprop, step by step, params and every state buffer."""
+"""RMSProp against torch.optim.RMSprop, step by step, params and every state buffer.
+
+Each element must be within 8 ulp (float32; 64 for float64) of torch's, as
+conftest's ``assert_close`` -- netcl fuses where torch's AVX2/AVX-512 kernels
+do, so there almost every element is bit for bit torch's. torch's DEFAULT
+kernels (``ATEN_CPU_CAPABILITY=default``) do not fuse, and where weight decay
+cancels the gradient the two roundings end up 10^2 ulp apart; such an element
+passes only if it is a value torch's rule gives from netcl's previous state
+under some rounding (``rmsprop_reference.assert_torch_rmsprop_step``).
+"""
 
 import itertools
 
@@ -10,7 +19,12 @@ import netcl
 from netcl import _kernels
 from netcl.optim import RMSProp, RMSprop
 
-from conftest import Mirror, assert_close, assert_state_matches, make_queue
+from conftest import Mirror, assert_close, make_queue
+
+try:  # works whether or not tests/ is imported as a package
+    from tests import rmsprop_reference as ref
+except ImportError:  # pragma: no cover
+    import rmsprop_reference as ref
 
 torch = pytest.importorskip("torch")
 
@@ -49,9 +63,13 @@ def run_parity(queue, dtype, shapes_per_group, lrs, flags, steps=20, seed=0,
                 tg["lr"] *= 0.25
         for m in mirrors:
             m.set_grad(queue, gradient(rng, m.tensor.shape, dtype, step))
+        before = ref.mirror_buffers(opt, topt, mirrors)
         opt.step()
         topt.step()
-        assert_state_matches(opt, topt, mirrors, step)
+        # Within 8 ulp of torch, or (where torch's own rounding depends on its
+        # CPU dispatch path) a value torch's rule can give: see
+        # rmsprop_reference.assert_torch_rmsprop_step.
+        ref.assert_torch_rmsprop_step(opt, topt, mirrors, step, before)
     return opt, mirrors
 
 
@@ -123,12 +141,13 @@ def test_grad_none_is_skipped(ctx_factory):
     for step in range(1, 7):
         ms[0].set_grad(queue, gradient(rng, (9,), np.float32, step))
         ms[1].set_grad(queue, None if step < 4 else gradient(rng, (9,), np.float32, step))
+        before = ref.mirror_buffers(opt, topt, ms)
         opt.step()
         topt.step()
         if step < 4:
             assert id(ms[1].param) not in opt.state
             assert np.array_equal(ms[1].param.data.get(), host[1]), "skipped param changed"
-        assert_state_matches(opt, topt, ms, step)
+        ref.assert_torch_rmsprop_step(opt, topt, ms, step, before)
 
 
 def test_zero_grad(ctx_factory):

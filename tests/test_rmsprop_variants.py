@@ -43,7 +43,7 @@ import netcl
 from netcl import _kernels
 from netcl.optim import RMSProp
 
-from conftest import Mirror, assert_close, assert_state_matches, make_queue
+from conftest import Mirror, assert_close, make_queue
 
 try:  # works whether or not tests/ is imported as a package
     from tests import rmsprop_reference as ref
@@ -289,9 +289,12 @@ def test_defaults_spelled_out_match_torch(ctx_factory):
             opt.param_groups[0]["lr"] = topt.param_groups[0]["lr"] = 2.5e-3
         for m in mirrors:
             m.set_grad(queue, gradient(rng, m.tensor.shape, np.float32, step))
+        before = ref.mirror_buffers(opt, topt, mirrors)
         opt.step()
         topt.step()
-        assert_state_matches(opt, topt, mirrors, step)
+        # torch's rounding depends on its CPU dispatch path where weight decay
+        # cancels the gradient: see rmsprop_reference.assert_torch_rmsprop_step.
+        ref.assert_torch_rmsprop_step(opt, topt, mirrors, step, before)
 
 
 def _final(queue, options, shapes=((20,), (5,)), steps=6, dtype=np.float32):
