@@ -1,19 +1,200 @@
 """Shared test helpers: device selection, torch mirrors and ulp-aware comparison.
 
-Devices come from pyopencl's ``pytest_generate_tests_for_pyopencl`` (set
-``PYOPENCL_TEST`` to choose them); every test that takes ``ctx_factory`` runs on
-each selected device.
+Devices (see wiki/Testing.md): every test that takes ``ctx_factory`` (or
+``device``/``platform``) runs on each selected device. ``PYOPENCL_TEST``
+selects them exactly as in pyopencl (``PYOPENCL_TEST=portable``,
+``PYOPENCL_TEST=0:1``, ``PYOPENCL_TEST="intel;portable"``); unset, every
+visible device except simulators (Oclgrind, which tests/test_oclgrind.py runs
+on its own). ``NETCL_REQUIRE_DEVICES=pocl,intel,oclgrind`` turns a missing
+implementation into an error instead of fewer tests (CI sets it).
+
+Isolation: with pytest-xdist installed (the ``test`` extra), tests run in
+``NETCL_TEST_WORKERS`` worker processes (default: up to 2, one per core); a
+worker killed by a crash (an LLVM abort in a kernel build kills the whole
+interpreter) is reported as that test's failure and replaced, so the run
+still ends with a summary. ``NETCL_TEST_WORKERS=0`` (or ``-p no:xdist``, or
+an explicit ``-n``) turns that off.
 """
+
+import gc
+import os
 
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 import pytest
 
-from pyopencl.tools import pytest_generate_tests_for_pyopencl as pytest_generate_tests  # noqa: F401
-
 import netcl
 from netcl import _kernels
+from netcl.device import is_simulator
+
+# ----------------------------------------------------------------- devices
+#: NETCL_REQUIRE_DEVICES names -> text to find in a platform's name or vendor.
+_IMPLEMENTATIONS = {"pocl": "portable computing language", "intel": "intel",
+                    "oclgrind": "oclgrind", "nvidia": "nvidia", "amd": "amd"}
+
+
+class ContextFactory:
+    """A fresh context on one device per call (pyopencl's ``ctx_factory``)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.context = None
+
+    def __call__(self):
+        # Implementations limit how many contexts may be alive: drop the last.
+        self.context = None
+        gc.collect()
+        # Intel's CPU runtime frees a context whose last handle is released
+        # even while queues made on it are in use (clRetainContext then fails
+        # with INVALID_CONTEXT), so the factory keeps the newest one alive
+        # for the test that asked for it.
+        self.context = cl.Context([self.device])
+        return self.context
+
+    def __str__(self):
+        # The id names the device, never its address: pytest-xdist workers must
+        # collect identical ids.
+        return (f"<context factory for <pyopencl.Device '{self.device.name.strip()}' on "
+                f"'{self.device.platform.name.strip()}'>>")
+
+
+def _platform_devices(platform):
+    try:
+        return platform.get_devices()
+    except cl.Error:
+        return []  # a broken platform must not hide a working one
+
+
+def visible_devices():
+    """Every device of every platform the ICD loader shows."""
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:
+        return []
+    return [d for p in platforms for d in _platform_devices(p)]
+
+
+def devices_under_test():
+    """The devices ``ctx_factory`` tests run on (see the module docstring)."""
+    if os.environ.get("PYOPENCL_TEST"):
+        from pyopencl.tools import get_test_platforms_and_devices
+
+        return [d for _, devices in get_test_platforms_and_devices() for d in devices]
+    return [d for d in visible_devices() if not is_simulator(d)]
+
+
+def _matches(device, implementation):
+    text = _IMPLEMENTATIONS.get(implementation, implementation)
+    platform = device.platform
+    return text in f"{platform.name} {platform.vendor}".lower()
+
+
+def required_implementations():
+    names = os.environ.get("NETCL_REQUIRE_DEVICES", "")
+    return [n.strip().lower() for n in names.split(",") if n.strip()]
+
+
+def is_required(implementation):
+    return implementation in required_implementations()
+
+
+def _describe(device):
+    return f"{device.name.strip()} [{device.platform.name.strip()}]"
+
+
+def pytest_generate_tests(metafunc):
+    names = [n for n in ("platform", "device", "ctx_factory") if n in metafunc.fixturenames]
+    if not names:
+        return
+    devices = devices_under_test()
+    values = []
+    for device in devices:
+        row = {"platform": device.platform, "device": device,
+               "ctx_factory": ContextFactory(device)}
+        values.append(tuple(row[n] for n in names))
+
+    def ids(value):
+        if isinstance(value, cl.Platform):
+            return f"<pyopencl.Platform '{value.name}'>"
+        if isinstance(value, cl.Device):
+            return f"<pyopencl.Device '{value.name.strip()}'>"
+        return str(value)
+
+    metafunc.parametrize(names, values, ids=ids)
+
+
+def pytest_report_header(config):
+    lines = ["OpenCL devices under test: "
+             + ("; ".join(_describe(d) for d in devices_under_test()) or "none")]
+    required = required_implementations()
+    if required:
+        lines.append("required (NETCL_REQUIRE_DEVICES): " + ", ".join(required))
+    return lines
+
+
+def pytest_sessionstart(session):
+    """NETCL_REQUIRE_DEVICES: a missing implementation fails the run at once.
+
+    A required hardware implementation must be among the devices under test;
+    a required simulator (Oclgrind) only visible, since tests/test_oclgrind.py
+    runs it by itself.
+    """
+    if hasattr(session.config, "workerinput"):
+        return  # checked once, by the controller
+    required = required_implementations()
+    if not required:
+        return
+    tested, visible = devices_under_test(), visible_devices()
+    missing = []
+    for name in required:
+        pool = visible if name == "oclgrind" else tested
+        if not any(_matches(d, name) for d in pool):
+            missing.append(name)
+    if missing:
+        raise pytest.UsageError(
+            f"NETCL_REQUIRE_DEVICES requires {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not among the devices "
+            f"{'visible' if missing == ['oclgrind'] else 'under test'}.\n"
+            f"  devices under test: {'; '.join(map(_describe, tested)) or 'none'}\n"
+            f"  visible devices: {'; '.join(map(_describe, visible)) or 'none'}\n"
+            f"  PYOPENCL_TEST={os.environ.get('PYOPENCL_TEST', '')!r} "
+            f"OCL_ICD_VENDORS={os.environ.get('OCL_ICD_VENDORS', '')!r}\n"
+            "  Intel's runtime needs: pip install \"netcl[intel]\" and "
+            "export OCL_ICD_VENDORS=$(python -m netcl.icd)")
+
+
+# ----------------------------------------------------------------- isolation
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Run the tests in pytest-xdist workers unless told otherwise.
+
+    Only initial conftests see this hook: running ``pytest tests`` or a file
+    under tests/ loads this one early enough.
+    """
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    option = config.option
+    if getattr(option, "numprocesses", None) is not None or getattr(option, "tx", None):
+        return  # the user chose
+    if option.usepdb or option.collectonly or getattr(option, "looponfail", False):
+        return
+    workers = os.environ.get("NETCL_TEST_WORKERS", "").strip()
+    if workers:
+        try:
+            count = int(workers)
+        except ValueError:
+            raise pytest.UsageError(
+                f"NETCL_TEST_WORKERS={workers!r} is not a number of worker processes") from None
+    else:
+        count = min(2, os.cpu_count() or 1)
+    if count <= 0:
+        return
+    option.numprocesses = count
+    if getattr(option, "dist", "no") == "no":
+        option.dist = "load"
+    if getattr(option, "maxworkerrestart", None) is None:
+        option.maxworkerrestart = 1000  # every crash is reported, none ends the run
 
 
 def make_queue(ctx_factory, dtype=np.float32):
