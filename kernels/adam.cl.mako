@@ -8,10 +8,18 @@ div by a scalar are not fused there and are not fused here.
 Flags: maximize, weight_decay (coupled: g += wd * p), decoupled (AdamW:
 p *= 1 - lr * wd; only with weight_decay), amsgrad (booleans).
 Scalars (computed on the host in float64, then rounded to the state type as
-torch rounds Python scalars): one_minus_beta1, beta2, one_minus_beta2,
-neg_step_size (-lr / (1 - beta1^t)), bias_correction2_sqrt
-((1 - beta2^t) ** 0.5), eps, weight_decay_value, decay_factor (1 - lr * wd).
+torch rounds Python scalars): one_minus_beta1, beta2, one_minus_beta2, eps,
+weight_decay_value, decay_factor (1 - lr * wd). Factor arguments (factor_t):
+factor_lr, factor_beta1, factor_beta2, from which factors() computes this
+tensor's neg_step_size (-lr / (1 - beta1^t)) and bias_correction2_sqrt
+((1 - beta2^t) ** 0.5) as torch does on Python floats, rounded once.
 </%doc>
+<%def name="factors()">
+    const ${factor_t} step = (${factor_t})t;
+    const ${state_t} neg_step_size =
+        (${state_t})(-(factor_lr / (1 - pow(factor_beta1, step))));
+    const ${state_t} bias_correction2_sqrt = (${state_t})sqrt(1 - pow(factor_beta2, step));
+</%def>
 <%def name="update(T)">
 % if maximize:
         g = -g;

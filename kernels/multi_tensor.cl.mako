@@ -2,28 +2,39 @@
 Skeleton shared by every optimizer family: one launch updates up to
 n_tensors tensors in a single fused pass.
 
-Each work-group takes one row (tensor, start, count) of the chunk table built
-on the host, so the tensors of a launch may have any lengths. The body runs on
-explicit vectors of vector_width elements (PoCL does not vectorise scalar code
-that calls sqrt) and then on the scalar tail of the chunk, so no access ever
-leaves [start, start + count).
+Each work-group takes one row (tensor slot k, start, count, parameter index)
+of the chunk table built on the host, so the tensors of a launch may have any
+lengths. The body runs on explicit vectors of vector_width elements (PoCL
+does not vectorise scalar code that calls sqrt) and then on the scalar tail of
+the chunk, so no access ever leaves [start, start + count).
 
-A family template inherits this file and defines update(T): it reads and
-assigns the locals p, g and one local per state buffer, all of the compute
-type T (a vector type in the body, a scalar type in the tail). The skeleton
-loads them before and stores p and the state after.
+A family template inherits this file and defines
+- factors(): per-tensor values computed from t, the tensor's update count
+  including this one (read from the device-resident step counts), in
+  factor_t (double where the device has it, as torch computes them on Python
+  floats), e.g. Adam's bias corrections;
+- update(T): reads and assigns the locals p, g and one local per state
+  buffer, all of the compute type T (a vector type in the body, a scalar type
+  in the tail). The skeleton loads them before and stores p and the state
+  after.
 
-Inputs: param_t, state_t (OpenCL C scalar types), vector_width, n_tensors,
-state_names, scalar_names (hyperparameter arguments, passed as state_t),
-tensor_scalar_names (arguments passed once per tensor, e.g. bias corrections
-that depend on the tensor's own step count, as state_t),
-aligned (every tensor's data and gradient start on a vector boundary, so
-whole vectors can be read through vector pointers).
+Inputs: param_t, state_t, factor_t (OpenCL C scalar types), vector_width,
+n_tensors, state_names, declarations (the kernel's parameter list, built on
+the host by netcl.optim._engine.step_arguments, the one place that defines
+the argument layout), aligned (every tensor's data and gradient start on a
+vector boundary, so whole vectors can be read through vector pointers),
+guard (the step reads control: control[0] != 0 skips the whole step, as a
+non-finite gradient does; g is multiplied by control[1], the gradient
+unscale factor, then by control[2], the clipping coefficient — two roundings,
+as torch's GradScaler.unscale_ followed by clip_grad_norm_).
 
 Work-items of a group stride through the chunk together: on a GPU that
 coalesces; on a CPU the host launches one work-item per group, which PoCL
 runs as a plain loop.
 </%doc>
+<%!
+    from netcl.optim._engine import ROW, FOUND_INF, UNSCALE, CLIP_COEF
+%>
 <%
     W = vector_width
 
@@ -55,17 +66,6 @@ runs as a plain loop.
             return "vstore%d(%s, 0, %s + at);" % (width, value, ptr)
         return "%s = %s;" % (target, value)
 
-    args = []
-    for k in range(n_tensors):
-        args.append("__global %s *restrict p%d, const uint p%d_offset" % (param_t, k, k))
-        args.append("__global const %s *restrict g%d, const uint g%d_offset" % (param_t, k, k))
-        for name in state_names:
-            args.append("__global %s *restrict %s%d" % (state_t, name, k))
-        for name in tensor_scalar_names:
-            args.append("const %s %s%d" % (state_t, name, k))
-    args.append("__global const uint *restrict chunks")
-    for name in scalar_names:
-        args.append("const %s %s" % (state_t, name))
 %>
 <%def name="element(width)">
 <% T = vec(state_t) if width > 1 else state_t %>\
@@ -74,6 +74,10 @@ runs as a plain loop.
 % for name in state_names:
         ${T} ${name} = ${load(name + "_ptr", state_t, state_t, width)};
 % endfor
+% if guard:
+        g = g * unscale;
+        g = g * clip_coef;
+% endif
 ${self.update(T)}
         ${store("p", "p_ptr", state_t, param_t, width)}
 % for name in state_names:
@@ -83,25 +87,33 @@ ${self.update(T)}
 // Rounding must follow the update rule as written: contraction into fma is
 // only where the template asks for it, as torch's CPU kernels do.
 #pragma OPENCL FP_CONTRACT OFF
-% if "double" in (param_t, state_t):
+% if "double" in (param_t, state_t, factor_t):
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 % endif
 
+<%def name="factors()"></%def>
 __kernel void optimizer_step(
-    ${",\n    ".join(args)})
+    ${",\n    ".join(declarations)})
 {
-    const uint row = 3 * get_group_id(0);
+    const uint row = ${ROW} * get_group_id(0);
     const uint k = chunks[row];
     const uint start = chunks[row + 1];
     const uint count = chunks[row + 2];
-
+% if guard:
+    // Decided on the device by this step's reduction pass: a non-finite
+    // gradient anywhere skips the whole step.
+    if (control[${FOUND_INF}] != 0.0f)
+        return;
+    const ${state_t} unscale = (${state_t})control[${UNSCALE}];
+    const ${state_t} clip_coef = (${state_t})control[${CLIP_COEF}];
+% endif
+    // This tensor's update count, this update included.
+    const uint t = steps[chunks[row + 3]] + 1;
+${self.factors()}
     __global ${param_t} *p_ptr;
     __global const ${param_t} *g_ptr;
 % for name in state_names:
     __global ${state_t} *${name}_ptr;
-% endfor
-% for name in tensor_scalar_names:
-    ${state_t} ${name};
 % endfor
     switch (k) {
 % for k in range(n_tensors):
@@ -109,10 +121,7 @@ __kernel void optimizer_step(
         p_ptr = p${k} + p${k}_offset + start;
         g_ptr = g${k} + g${k}_offset + start;
   % for name in state_names:
-        ${name}_ptr = ${name}${k} + start;
-  % endfor
-  % for name in tensor_scalar_names:
-        ${name} = ${name}${k};
+        ${name}_ptr = ${name}${k} + s${k}_offset + start;
   % endfor
         break;
 % endfor

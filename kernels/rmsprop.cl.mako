@@ -11,9 +11,16 @@ bias_correction, decoupled (only with weight_decay), clamp_variance (only
 with centered), lr_in_momentum and nesterov (only with momentum). With the
 last six off, the body is torch's.
 Scalars: lr, alpha, one_minus_alpha, eps, weight_decay_value, momentum_value,
-decay_factor (1 - lr * wd), bias_correction_value (1 - alpha^t, or 1), all
-computed on the host in float64.
+decay_factor (1 - lr * wd), computed on the host in float64; factor_alpha
+(factor_t), from which factors() computes this tensor's bias_correction_value
+(1 - alpha^t) with bias_correction.
 </%doc>
+<%def name="factors()">
+% if bias_correction:
+    const ${state_t} bias_correction_value =
+        (${state_t})(1 - pow(factor_alpha, (${factor_t})t));
+% endif
+</%def>
 <%def name="update(T)">
 <%
     # The averages as the denominator reads them: bias-corrected copies or the

@@ -6,10 +6,14 @@ tensors). fma sits exactly where torch's CPU kernels fuse: add with alpha.
 
 Flags: maximize, weight_decay, momentum, nesterov (booleans; nesterov only
 with momentum). State: momentum_buffer (only with momentum).
-Scalars: lr, weight_decay_value, momentum_value, one_minus_dampening and
-first_step (nonzero on the update that creates the momentum buffer: torch
-then takes the buffer as a copy of the gradient, without dampening).
+Scalars: lr, weight_decay_value, momentum_value, one_minus_dampening. A
+tensor's first update (t == 1, from the device-resident count torch's SGD
+does not expose) takes the momentum buffer as a copy of the gradient, without
+dampening, as torch does when it creates the buffer.
 </%doc>
+<%def name="factors()">
+    const bool first_step = t == 1;
+</%def>
 <%def name="update(T)">
 % if maximize:
         g = -g;
@@ -18,7 +22,7 @@ then takes the buffer as a copy of the gradient, without dampening).
         g = fma((${T})weight_decay_value, p, g);
 % endif
 % if momentum:
-        if (first_step != 0)
+        if (first_step)
             momentum_buffer = g;
         else
             momentum_buffer = fma((${T})one_minus_dampening, g, momentum_buffer * momentum_value);

@@ -753,6 +753,8 @@ def parse_args(argv=None):
                     help=f"floats per array of the bandwidth kernel (default {FULL_FLAT_SIZE:,}, "
                          f"--quick {QUICK_CEILING_SIZE:,})")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.optim rows")
+    ap.add_argument("--no-engine", action="store_true",
+                    help="skip the step-engine rows (host cost per step, fused epilogue)")
     ap.add_argument("--json", metavar="PATH", help="also write rows and machine info here")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
@@ -803,6 +805,23 @@ def _measure(w, c, impl, kw, ctx, args, tick):
         return _row(w, c, impl, error=_describe(exc))
 
 
+def _engine_rows(netcl, queue, torch, loads, args, progress):
+    """Host cost per step and the fused epilogue (netcl.bench_engine)."""
+    from netcl import bench_engine
+
+    progress.set_label("engine: host cost per step")
+    counts = (100, 1_000) if args.quick else bench_engine.HOST_TENSOR_COUNTS
+    rows = bench_engine.host_rows(netcl, queue, steps=max(3, args.steps), counts=counts)
+    for w in loads:
+        if w.name not in ("resnet50", "bert"):
+            continue
+        progress.set_label(f"engine: {w.name} epilogue")
+        rows += bench_engine.epilogue_rows(netcl, queue, torch, w, _host_data(w), args.steps,
+                                           args.warmup)
+        gc.collect()
+    return rows
+
+
 def run(args, progress_enabled=True):
     """Run the benchmark described by parsed ``args``; return the JSON-able result."""
     load_at_start = _loadavg()
@@ -847,6 +866,9 @@ def run(args, progress_enabled=True):
             del host
             ctx["nparams"] = ctx["tparams"] = None
             gc.collect()
+        engine_rows = []
+        if netcl and not args.no_engine:
+            engine_rows = _engine_rows(netcl, queue, torch, loads, args, progress)
         progress.set_label("bandwidth ceiling again")
         ceilings.append(measure_ceiling(queue, args.ceiling_size, args.steps, args.warmup,
                                         progress.advance)[0])
@@ -865,6 +887,7 @@ def run(args, progress_enabled=True):
                                                       tensors=w.tensors, floats=w.floats)
                                          for w in loads}),
                 rows=rows,
+                engine_rows=engine_rows,
                 flat_resnet_ratio=flat_resnet_ratios(rows),
                 netcl_error=netcl_error)
 
@@ -891,6 +914,11 @@ def report(result, stream=None):
               file=stream)
     print(file=stream)
     print(format_table(result["rows"]), file=stream)
+    if result.get("engine_rows"):
+        from netcl import bench_engine
+
+        print(file=stream)
+        print(bench_engine.format_rows(result["engine_rows"]), file=stream)
     ratios = result["flat_resnet_ratio"]
     if ratios:
         print(file=stream)

@@ -11,7 +11,7 @@ import pytest
 
 import netcl
 from netcl import _kernels
-from netcl.optim import SGD, Adam, AdamW, RMSProp, _multi_tensor
+from netcl.optim import SGD, Adam, AdamW, RMSProp, _engine
 
 from conftest import make_queue
 
@@ -102,7 +102,7 @@ def test_oversized_tensor_in_a_later_group_changes_nothing(queue, monkeypatch):
     first, big = param(queue, 100, seed=1), param(queue, 300, seed=2)
     opt = Adam([{"params": [first]}, {"params": [big], "lr": 1e-2}])
     before = snapshot(opt, [first, big])
-    monkeypatch.setattr(_multi_tensor, "_UINT_LIMIT", 200)  # as if big had 2**32 elements
+    monkeypatch.setattr(_engine, "_UINT_LIMIT", 200)  # as if big had 2**32 elements
     with pytest.raises(ValueError, match="too large"):
         opt.step()
     queue.finish()
@@ -118,7 +118,8 @@ def test_oversized_offset_in_a_later_group_changes_nothing(queue, monkeypatch):
     opt = SGD([{"params": [first]}, {"params": [view]}], lr=0.1, momentum=0.9)
     opt.step()
     before = snapshot(opt, [first, view])
-    monkeypatch.setattr(_multi_tensor, "_UINT_LIMIT", 200)  # as if the offset were >= 2**32
+    monkeypatch.setattr(_engine, "_UINT_LIMIT", 200)  # as if the offset were >= 2**32
+    view.data = base[250:300]  # a new view: its offset is checked again
     with pytest.raises(ValueError, match="offset"):
         opt.step()
     queue.finish()
@@ -150,8 +151,8 @@ def test_optimizers_never_share_kernel_objects(queue):
     opt_a, opt_b = RMSProp([a]), RMSProp([b])
     opt_a.step()
     opt_b.step()
-    ours = {id(k) for k in opt_a._kernels.values()}
-    theirs = {id(k) for k in opt_b._kernels.values()}
+    ours = {id(b.kernel) for b in opt_a._program.updates}
+    theirs = {id(b.kernel) for b in opt_b._program.updates}
     assert ours and theirs and not ours & theirs
 
 
@@ -212,19 +213,7 @@ def test_numpy_bool_is_not_a_number(queue):
         SGD([param(queue, 4)], lr=np.bool_(True))
 
 
-def count_launches(monkeypatch):
-    launches = []
-    real = _multi_tensor.enqueue
-
-    def counting(queue, kernel, launch, *args):
-        launches.append(launch)
-        return real(queue, kernel, launch, *args)
-
-    monkeypatch.setattr(_multi_tensor, "enqueue", counting)
-    return launches
-
-
-def test_tensors_at_different_step_counts_share_a_launch(queue, monkeypatch):
+def test_tensors_at_different_step_counts_share_a_launch(queue):
     ps = [param(queue, 100 + i, seed=i) for i in range(3)]
     opt = Adam(ps)
     grads = [p.grad for p in ps]
@@ -233,11 +222,11 @@ def test_tensors_at_different_step_counts_share_a_launch(queue, monkeypatch):
             p.grad = grads[i] if k >= i else None
         opt.step()
     assert [opt.state[id(p)]["step"] for p in ps] == [3, 2, 1]
-    launches = count_launches(monkeypatch)
     for p, g in zip(ps, grads):
         p.grad = g
     opt.step()
-    assert len(launches) == 1
+    assert len(opt._program.updates) == 1
+    assert [opt.state[id(p)]["step"] for p in ps] == [4, 3, 2]
 
 
 def test_plan_cache_is_bounded_with_randomly_missing_grads(queue):

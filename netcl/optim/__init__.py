@@ -11,3 +11,6 @@ __all__ += ["Adam", "AdamW", "SGD"]
 from netcl.optim.checkpoint import CheckpointError, load, save
 
 __all__ += ["CheckpointError", "load", "save"]
+from netcl.optim.flat import FlatParameters, flatten_
+
+__all__ += ["FlatParameters", "flatten_"]

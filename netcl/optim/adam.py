@@ -51,19 +51,22 @@ class Adam(Optimizer):
         maximize: maximise the objective instead of minimising it (default False).
         decoupled_weight_decay: decay the parameter directly (AdamW) instead of
             adding :math:`\lambda p` to the gradient (default False).
+        skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
     """
 
     template = "adam.cl.mako"
     scalar_names = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps",
                     "weight_decay_value", "decay_factor")
-    tensor_scalar_names = ("neg_step_size", "bias_correction2_sqrt")
+    factor_names = ("factor_lr", "factor_beta1", "factor_beta2")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False):
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 skip_nonfinite=False, max_grad_norm=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
+                         max_grad_norm=max_grad_norm)
 
     def _validate_group(self, group):
         check_non_negative("learning rate", group["lr"])
@@ -88,21 +91,13 @@ class Adam(Optimizer):
 
     def _scalar_args(self, group):
         # torch computes these on Python floats (float64); the kernel argument
-        # rounds them to the state type as torch rounds Python scalars.
+        # rounds them to the state type as torch rounds Python scalars. The
+        # factors (bias corrections) are computed per tensor on the device.
         lr = float(group["lr"])
         beta1, beta2 = (float(b) for b in group["betas"])
         weight_decay = float(group["weight_decay"])
         return (1 - beta1, beta2, 1 - beta2, float(group["eps"]), weight_decay,
-                1 - lr * weight_decay)
-
-    def _tensor_scalar_args(self, group, step):
-        lr = float(group["lr"])
-        beta1, beta2 = (float(b) for b in group["betas"])
-        step = float(step)
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        step_size = lr / bias_correction1
-        return (-step_size, bias_correction2 ** 0.5)
+                1 - lr * weight_decay, lr, beta1, beta2)
 
 
 class AdamW(Adam):
@@ -115,9 +110,10 @@ class AdamW(Adam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False):
+                 amsgrad=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, skip_nonfinite=skip_nonfinite,
+                         max_grad_norm=max_grad_norm)
 
     def load_state_dict(self, state_dict):
         # As torch's AdamW, a loaded state never turns decoupled decay off.

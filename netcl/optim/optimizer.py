@@ -10,7 +10,7 @@ dispatch, checkpoints — lives here once.
 import math
 import numbers
 from contextlib import contextmanager
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, MutableMapping, Set
 
 import numpy as np
 import pyopencl as cl
@@ -18,7 +18,8 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import layout as device_layout
-from netcl.optim import _multi_tensor
+from netcl.optim import _engine
+from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
 # every step uses one plan per (group, dtype); steps with missing gradients
@@ -59,9 +60,123 @@ def check_unit_interval(name, value, *, upper_open=False):
         raise ValueError(f"Invalid {name} value: {value!r} (must lie in {interval})")
 
 
+def fill(queue, array, value):
+    """Fill ``array`` with ``value`` by a fill command: no kernel to build."""
+    if array.nbytes:
+        pattern = np.asarray(value, array.dtype)
+        cl.enqueue_fill_buffer(queue, array.base_data, pattern, array.offset, array.nbytes)
+
+
 def check_flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+class _StateEntry(MutableMapping):
+    """One parameter's state: its device buffers, and ``'step'`` read from the
+    optimizer's device-resident step counts (a sync only when read).
+
+    Every change bumps the optimizer's state version, so a step re-checks
+    state buffers only after something replaced one.
+    """
+
+    __slots__ = ("_optimizer", "_index", "_buffers")
+
+    def __init__(self, optimizer, index, buffers):
+        self._optimizer = optimizer
+        self._index = index
+        self._buffers = dict(buffers)
+
+    def _has_step(self):
+        return self._optimizer.step_in_state
+
+    def __getitem__(self, name):
+        if name == "step" and self._has_step():
+            return self._optimizer._read_steps()[self._index].item()
+        return self._buffers[name]
+
+    def __setitem__(self, name, value):
+        if name == "step" and self._has_step():
+            self._optimizer._write_step(self._index, value)
+            return
+        self._buffers[name] = value
+        self._optimizer._state_version += 1
+
+    def __delitem__(self, name):
+        if name == "step" and self._has_step():
+            raise KeyError("a parameter's step count cannot be deleted")
+        del self._buffers[name]
+        self._optimizer._state_version += 1
+
+    def __iter__(self):
+        if self._has_step():
+            yield "step"
+        yield from self._buffers
+
+    def __len__(self):
+        return len(self._buffers) + bool(self._has_step())
+
+    def buffers(self):
+        """The device buffers by name (no sync)."""
+        return self._buffers
+
+    def __repr__(self):
+        return f"{dict(self.items())!r}"
+
+
+class _State(MutableMapping):
+    """``optimizer.state``: per-parameter entries keyed by ``id(parameter)``.
+
+    Assigning a plain dict of buffers (``state[id(p)] = {...}``) is accepted
+    and checked like any state at the next step.
+    """
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self._entries = {}
+
+    # An entry whose parameter has not completed a step (its first step was
+    # skipped for a non-finite gradient) is not shown: the state is as before.
+    def _visible(self, key):
+        entry = self._entries.get(key)
+        return entry is not None and self._optimizer._read_steps()[entry._index] > 0
+
+    def __getitem__(self, key):
+        if not self._visible(key):
+            raise KeyError(key)
+        return self._entries[key]
+
+    def __contains__(self, key):
+        return self._visible(key)
+
+    def __setitem__(self, key, value):
+        optimizer = self._optimizer
+        if not isinstance(value, _StateEntry):
+            index = optimizer._index_of_id(key)
+            if index is None:
+                raise KeyError(f"{key!r} is not the id of a parameter of this optimizer")
+            value = dict(value)
+            step = value.pop("step", None)
+            entry = _StateEntry(optimizer, index, value)
+            if step is not None:
+                entry["step"] = step
+            value = entry
+        self._entries[key] = value
+        optimizer._state_version += 1
+
+    def __delitem__(self, key):
+        del self._entries[key]
+        self._optimizer._state_version += 1
+
+    def __iter__(self):
+        steps = self._optimizer._read_steps()
+        return iter([key for key, entry in self._entries.items() if steps[entry._index] > 0])
+
+    def __len__(self):
+        return len(list(iter(self)))
+
+    def __repr__(self):
+        return f"{dict(self.items())!r}"
 
 
 class Optimizer:
@@ -79,36 +194,58 @@ class Optimizer:
     first parameter's queue (or a new queue on its context) and a step never
     waits for the device.
 
-    Subclasses define ``template``, ``scalar_names``, ``tensor_scalar_names``
-    and the hooks ``_validate_group``, ``_state_names``, ``_initial_state``,
-    ``_kernel_flags``, ``_scalar_args`` and ``_tensor_scalar_args``.
+    ``skip_nonfinite=True`` makes a step whose gradients hold any NaN or
+    infinity change nothing (decided on the device; ``skipped_steps`` counts
+    them); ``max_grad_norm`` clips the gradients' global L2 norm to it inside
+    the update, as ``torch.nn.utils.clip_grad_norm_`` would before the step.
+    Either adds one reduction pass that reads the gradients; step counts live
+    on the device and ``state[...]['step']`` reads them (a sync).
+
+    Subclasses define ``template``, ``scalar_names``, ``factor_names`` and
+    the hooks ``_validate_group``, ``_state_names``, ``_initial_state``,
+    ``_kernel_flags`` and ``_scalar_args``.
     """
 
     template = None
-    #: Hyperparameter kernel arguments shared by every tensor of a launch.
+    #: Hyperparameter kernel arguments in the state dtype, as torch rounds
+    #: Python scalars for its tensor ops.
     scalar_names = ()
-    #: Kernel arguments that depend on a tensor's own step count (bias
-    #: corrections, SGD's first step), passed per tensor so that tensors at
-    #: different step counts still share a launch.
-    tensor_scalar_names = ()
-    #: Whether each parameter's state counts its updates in ``state['step']``.
-    #: A family that keeps no count (torch's SGD) sets this False; a parameter
+    #: Hyperparameter kernel arguments in float64 where the device has it,
+    #: from which the template's factors() computes per-tensor values (bias
+    #: corrections) from the tensor's device-resident step count.
+    factor_names = ()
+    #: Whether each parameter's state shows its update count as ``state['step']``.
+    #: A family that shows none (torch's SGD) sets this False; a parameter
     #: whose group then needs no state buffers gets no state entry at all.
     step_in_state = True
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, *, skip_nonfinite=False, max_grad_norm=None):
         self.defaults = dict(defaults)
         self._validate_group(self.defaults)
-        self.state = {}
+        check_flag("skip_nonfinite", skip_nonfinite)
+        if max_grad_norm is not None:
+            check_non_negative("max_grad_norm", max_grad_norm)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._state = _State(self)
+        self._state_entries = self._state._entries
+        self._state_version = 0
+        self._checked_state_version = -1
         self.param_groups = []
         self._context = None
         self._queue = None
         self._plans = {}  # insertion-ordered: least recently used first
-        # Kernel objects by (slots, aligned, dtype, flags): the flags determine
-        # the state names, so those need not be part of the key.
-        self._kernels = {}
         self._checked_data = {}
+        self._checked_grads = {}
         self._device_layout = None
+        self._program = None
+        self._param_index = {}  # id(param) -> index across groups
+        self._position = []     # index -> (group, position in group)
+        self._tracked = True    # every parameter is a netcl.Parameter
+        self._steps = None      # device: per-parameter update counts (uint32)
+        self._steps_host = None  # its last host copy, until the next step
+        self._control = None    # device: found_inf, unscale, clip coef, norm
+        self._skipped = None    # device: skipped-step count
 
         if isinstance(params, Set):
             self.add_param_group({"params": params})  # raises torch's message for sets
@@ -190,9 +327,39 @@ class Optimizer:
             first_queue = getattr(params[0].data, "queue", None)
             self._queue = first_queue if first_queue is not None else cl.CommandQueue(context)
         self.param_groups.append(group)
+        self._reindex()
 
     def _all_params(self):
         return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def state(self):
+        """Per-parameter state keyed by ``id(parameter)``: its device buffers
+        and (``step_in_state``) ``'step'``, read from the device."""
+        return self._state
+
+    def _index_of_id(self, key):
+        return self._param_index.get(key)
+
+    def _reindex(self):
+        """Index every parameter and size the device step counts to match."""
+        self._param_index = {}
+        self._position = []
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                self._param_index[id(p)] = len(self._position)
+                self._position.append((g, i))
+        self._tracked = all(isinstance(p, Parameter) for p in self._all_params())
+        n = len(self._position)
+        old = self._read_steps() if self._steps is not None else np.zeros(0, np.uint32)
+        steps = np.zeros(n, np.uint32)
+        steps[:len(old)] = old[:n]
+        self._steps = cla.to_device(self._queue, steps)
+        self._steps_host = None
+        if self._control is None:
+            self._control = cla.to_device(self._queue, _engine.INITIAL_CONTROL)
+            self._skipped = cla.zeros(self._queue, 1, np.uint32)
+        self._program = None
 
     @staticmethod
     def _check_param(p, context):
@@ -230,17 +397,8 @@ class Optimizer:
         raise NotImplementedError
 
     def _scalar_args(self, group):
-        """Hyperparameter arguments as floats, in ``scalar_names`` order."""
+        """Hyperparameter arguments as floats, in ``scalar_names + factor_names`` order."""
         raise NotImplementedError
-
-    def _tensor_scalar_args(self, group, step):
-        """Per-tensor arguments as floats (``tensor_scalar_names`` order).
-
-        ``step`` is the parameter's update count including this update. Where
-        ``step_in_state`` is False it is 1 for a parameter whose state this
-        step creates and ``None`` otherwise.
-        """
-        return ()
 
     # ------------------------------------------------------------------- step
     def zero_grad(self, set_to_none=True):
@@ -262,14 +420,12 @@ class Optimizer:
             p.grad.fill(0, queue=self._queue)
 
     def _describe_param(self, p):
-        index = 0
-        for group in self.param_groups:
-            for i, q in enumerate(group["params"]):
-                if q is p:
-                    names = group.get("param_names")
-                    return _describe(index + i, names[i] if names else None)
-            index += len(group["params"])
-        return "parameter"
+        index = self._param_index.get(id(p))
+        if index is None:
+            return "parameter"
+        group, position = self._position[index]
+        names = self.param_groups[group].get("param_names")
+        return _describe(index, names[position] if names else None)
 
     def _check_grad(self, p):
         grad = p.grad
@@ -287,17 +443,17 @@ class Optimizer:
         if not grad.flags.c_contiguous:
             raise ValueError("grad must be C-contiguous")
 
-    def _check_state(self, p, state, needed):
-        """Raise unless ``state`` still fits ``p``: every buffer the kernel will
+    def _check_state(self, p, buffers, needed):
+        """Raise unless ``buffers`` still fit ``p``: every buffer the kernel will
         write must have the parameter's shape and dtype, or the step would
         read and write outside it (e.g. after ``p.data`` was replaced by a
         larger or float64 array)."""
-        missing = [name for name in needed if name not in state]
+        missing = [name for name in needed if name not in buffers]
         if missing:
             raise ValueError(f"state lacks {sorted(missing)}, which this group's "
                              "settings need; set them before the first step")
         for name in needed:
-            buffer = state[name]
+            buffer = buffers[name]
             if not isinstance(buffer, cla.Array):
                 raise TypeError(f"state {name!r} must be a pyopencl.array.Array, "
                                 f"got {type(buffer).__name__}")
@@ -307,9 +463,16 @@ class Optimizer:
                     f"the parameter now has shape {p.data.shape} and dtype {p.data.dtype}; "
                     "an optimizer's state belongs to the array it was created for — "
                     "create a new optimizer (or load a matching state) after replacing .data")
-            if buffer.offset != 0 or buffer.context != self._context:
-                raise ValueError(f"state {name!r} must be a whole buffer (offset 0) "
-                                 "in the optimizer's context")
+            if buffer.offset != buffers[needed[0]].offset \
+                    or buffer.offset not in (0, p.data.offset) or buffer.context != self._context:
+                raise ValueError(f"state {name!r} must be a whole buffer, or a view at its "
+                                 "parameter's offset (as every state buffer of the "
+                                 "parameter), in the optimizer's context")
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for a non-finite gradient (read from the device: a sync)."""
+        return int(self._skipped.get(queue=self._queue)[0])
 
     def step(self, closure=None):
         """Perform one optimization step over every parameter with a gradient.
@@ -318,160 +481,288 @@ class Optimizer:
         state buffers, launch plans, kernel builds — is checked and prepared
         before anything changes: an error leaves params, state and step counts
         as they were. The kernels are then enqueued and the call returns
-        without waiting for the device.
+        without waiting for the device. With ``skip_nonfinite`` or
+        ``max_grad_norm`` a reduction pass over the gradients comes first and
+        the device itself decides whether to skip and how much to clip.
         """
         loss = None
         if closure is not None:
             loss = closure()
-        batches, new_state, checked_data = self._prepare_step()
-        # Nothing below raises on valid input: commit state, then enqueue.
-        self._checked_data.update(checked_data)
-        self.state.update(new_state)
-        if self.step_in_state:
-            for batch in batches:
-                for p in batch.params:
-                    self.state[id(p)]["step"] += 1
-        for batch in batches:
-            batch.enqueue(self._queue)
+        self._run_step(None)
         return loss
 
-    def _prepare_step(self):
-        """Check everything and build what the step needs; change nothing.
+    def _run_step(self, scaler):
+        """Prepare (or reuse) the bound program for this step and enqueue it.
 
-        Returns the step's batches (one per group and dtype), the state
-        entries to create and the parameter arrays newly checked.
+        ``scaler`` is a :class:`netcl.amp.GradScaler` driving this step, or None.
         """
-        active_groups = []
-        checked_data = {}
-        index = 0
+        scaler_key = None if scaler is None else scaler._step_key(self)
+        groups = self._group_scalars()  # validates every group first
+        program = self._program
+        if not (program is not None and self._tracked
+                and program.generation == parameter_generation()
+                and program.state_version == self._state_version
+                and program.scaler_key == scaler_key
+                and program.groups_key == self._groups_key(groups)):
+            program = self._prepare_step(groups, scaler_key)
+        program.set_scalars([values for _, values in groups], scaler)
+        program.enqueue(self._queue)
+        self._steps_host = None
+
+    def _group_scalars(self):
+        """Per group: (kernel flags, scalar argument values), validated."""
+        out = []
         for group in self.param_groups:
             self._validate_group(group)
+            out.append((self._kernel_flags(group), tuple(self._scalar_args(group))))
+        return out
+
+    def _groups_key(self, groups):
+        return tuple((id(group["params"]), len(group["params"]), tuple(sorted(flags.items())))
+                     for group, (flags, _) in zip(self.param_groups, groups))
+
+    def _prepare_step(self, groups, scaler_key):
+        """Check everything and build (or refresh) the step's program; on
+        success commit new state and return the program. Changes nothing on
+        error."""
+        checked_data = {}
+        batches = []
+        signature = []
+        new_state = {}
+        state_checked = self._state_version != self._checked_state_version
+        for g, (group, (flags, _)) in enumerate(zip(self.param_groups, groups)):
             needed = self._state_names(group)
             names = group.get("param_names")
-            active = []
+            by_dtype = {}
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                with _naming(index + i, names[i] if names else None):
+                index = self._param_index[id(p)]
+                with _naming(index, names[i] if names else None):
                     # An Array's dtype, shape and context never change, so a
                     # data array that passed once needs no second look.
                     if self._checked_data.get(id(p)) is not p.data:
                         self._check_param(p, self._context)
                         checked_data[id(p)] = p.data
-                    self._check_grad(p)
-                    state = self.state.get(id(p))
-                    if state:
-                        self._check_state(p, state, needed)
-                active.append(p)
-            index += len(group["params"])
-            active_groups.append((group, needed, active))
-
-        new_state = {}
-        batches = []
-        for group, needed, active in active_groups:
-            for p in active:
-                if not self.state.get(id(p)):
-                    state = self._new_state(group, p)
-                    if state:
-                        new_state[id(p)] = state
-            by_dtype = {}
-            for p in active:
-                by_dtype.setdefault(p.data.dtype, []).append(p)
-            flags = self._kernel_flags(group)
+                        state_checked = True
+                    if self._checked_grads.get(id(p)) is not p.grad:
+                        self._check_grad(p)
+                    entry = self._state_entries.get(id(p))
+                    if entry is not None and entry.buffers():
+                        if state_checked:
+                            self._check_state(p, entry.buffers(), needed)
+                by_dtype.setdefault(p.data.dtype, []).append((index, p))
             for dtype, members in by_dtype.items():
-                batches.append(self._batch(group, needed, flags, dtype, members, new_state))
-        return batches, new_state, checked_data
+                fresh = [p for _, p in members if id(p) not in self._state_entries]
+                if fresh and (needed or self.step_in_state):
+                    new_state.update(self._new_state(group, fresh, len(fresh) == len(members)))
+                flat = self._flat(members, needed, new_state)
+                batches.append((g, group, flags, needed, dtype, members, flat))
+                signature.append((g, dtype, tuple(sorted(flags.items())), flat, tuple(
+                    (index, p.data.size, self._aligned(p, dtype)) for index, p in members)))
+        signature = (tuple(signature), scaler_key)
 
-    def _new_state(self, group, p):
-        state = {"step": 0} if self.step_in_state else {}
-        for name in self._state_names(group):
-            buffer = cla.empty(self._queue, p.data.shape, p.data.dtype)
-            if buffer.nbytes:
-                # A fill command, not pyopencl's fill kernel: nothing to build.
-                pattern = np.asarray(self._initial_state(group, name), p.data.dtype)
-                cl.enqueue_fill_buffer(self._queue, buffer.base_data, pattern, 0, buffer.nbytes)
-            state[name] = buffer
-        return state
-
-    def _batch(self, group, state_names, flags, dtype, params, new_state):
-        """The launches of one group's parameters of one dtype, ready to enqueue."""
-        layout = self._layout()
-        width = layout.vector_width(dtype)
-        scalar_type = dtype.type
-        per_step = {}  # tensor scalars by step: computed once per distinct step
-        tensor_args, aligned = [], []
-        for p in params:
-            state = self.state.get(id(p)) or new_state.get(id(p), {})
-            if self.step_in_state:
-                step = state["step"] + 1
+        program = self._program
+        try:
+            if program is None or program.signature != signature:
+                program = self._build_program(batches, signature, scaler_key, new_state)
             else:
-                step = 1 if id(p) in new_state else None
-            if step not in per_step:
-                per_step[step] = [scalar_type(v) for v in self._tensor_scalar_args(group, step)]
-            p_offset = _multi_tensor.element_offset(p.data)
-            g_offset = _multi_tensor.element_offset(p.grad)
-            args = [p.data.base_data, p_offset, p.grad.base_data, g_offset]
-            args.extend(state[name].base_data for name in state_names)
-            args.extend(per_step[step])
-            tensor_args.append(args)
-            aligned.append(p_offset % width == 0 and g_offset % width == 0)
-        launches = self._plan(dtype, len(state_names), [p.data.size for p in params], aligned)
-        flag_key = tuple(sorted(flags.items()))
-        kernels = []
-        for launch in launches:
-            key = (launch.slots, launch.aligned, dtype, flag_key)
-            kernel = self._kernels.get(key)
-            if kernel is None:
-                kernel = self._kernels[key] = self._kernel(dtype, launch, width, state_names,
-                                                           flags)
-            kernels.append(kernel)
-        scalars = [scalar_type(value) for value in self._scalar_args(group)]
-        return _multi_tensor.Batch(params, launches, kernels, tensor_args, scalars,
-                                   layout.local_size)
+                program.refresh_arrays(new_state)
+        except BaseException:
+            self._program = None  # possibly half re-bound: rebuild next time
+            raise
+        # Everything is valid and built: commit.
+        for key, buffers in new_state.items():
+            self._state_entries[key] = _StateEntry(self, self._param_index[key], buffers)
+        self._checked_data.update(checked_data)
+        self._checked_grads = {id(p): p.grad for batch in batches for _, p in batch[5]}
+        self._state_version += 1 if new_state else 0
+        self._checked_state_version = self._state_version
+        program.generation = parameter_generation()
+        program.state_version = self._state_version
+        program.groups_key = self._groups_key(groups)
+        self._program = program
+        return program
+
+    def _aligned(self, p, dtype):
+        width = self._layout().vector_width(dtype)
+        return (p.data.offset // dtype.itemsize) % width == 0 \
+            and (p.grad.offset // dtype.itemsize) % width == 0
+
+    def _new_state(self, group, params, whole_batch):
+        """New state buffers for ``params``, by ``id(param)``.
+
+        When a whole batch of flat parameters (views of one buffer, see
+        :func:`netcl.optim.flatten_`) starts together, each state buffer is
+        likewise a view of one buffer at its parameter's offset, so the
+        step stays a single launch.
+        """
+        names = self._state_names(group)
+        bases = {(id(p.data.base_data), id(p.grad.base_data)) for p in params}
+        flat = whole_batch and len(params) > 1 and len(bases) == 1 and names and all(
+            p.grad.offset == p.data.offset for p in params)
+        out = {}
+        if flat:
+            base = params[0].data.base_data
+            dtype = params[0].data.dtype
+            whole = {name: cla.empty(self._queue, base.size // dtype.itemsize, dtype)
+                     for name in names}
+            for name, buffer in whole.items():
+                fill(self._queue, buffer, self._initial_state(group, name))
+            for p in params:
+                begin = p.data.offset // dtype.itemsize
+                out[id(p)] = {name: buffer[begin:begin + p.data.size].reshape(p.data.shape)
+                              for name, buffer in whole.items()}
+            return out
+        for p in params:
+            buffers = {}
+            for name in names:
+                buffer = cla.empty(self._queue, p.data.shape, p.data.dtype)
+                fill(self._queue, buffer, self._initial_state(group, name))
+                buffers[name] = buffer
+            out[id(p)] = buffers
+        return out
+
+    def _flat(self, members, state_names, new_state):
+        """For a flat batch — every parameter, gradient and state buffer a view
+        of one buffer per role, each at its parameter's offset — the ids of
+        those buffers (part of the program's signature); else None. A flat
+        batch is updated by one launch whatever its number of tensors."""
+        if len(members) < 2:
+            return None
+        def buffers_of(p):
+            if not state_names:
+                return {}
+            return new_state.get(id(p)) or self._state_entries[id(p)].buffers()
+
+        first = members[0][1]
+        roles = [first.data.base_data, first.grad.base_data]
+        buffers = buffers_of(first)
+        roles += [buffers[name].base_data for name in state_names]
+        for _, p in members:
+            offset = p.data.offset
+            if p.data.base_data is not roles[0] or p.grad.base_data is not roles[1] \
+                    or p.grad.offset != offset:
+                return None
+            buffers = buffers_of(p)
+            for name, base in zip(state_names, roles[2:]):
+                if buffers[name].base_data is not base or buffers[name].offset != offset:
+                    return None
+        return tuple(id(role) for role in roles)
 
     def _layout(self):
         if self._device_layout is None:
             self._device_layout = device_layout(self._context.devices[0])
         return self._device_layout
 
-    def _plan(self, dtype, n_state, lengths, aligned):
+    def _factor_dtype(self):
+        fp64 = _kernels.supports_fp64(self._context.devices[0])
+        return np.dtype(np.float64 if fp64 else np.float32)
+
+    def _plan(self, dtype, state_names, lengths, indices, aligned, starts=None):
         """The launches for tensors of these lengths, from a bounded cache.
 
-        The plan (chunk tables) depends only on lengths and alignment, so a
-        model whose gradients are all present every step builds it once; the
-        cache keeps the most recently used plans for steps with missing grads.
+        The plan (chunk tables) depends only on lengths, parameter indices,
+        alignment and, for a flat batch, the tensors' starts in the shared
+        buffers, so a model whose gradients are all present every step builds
+        it once; the cache keeps the most recently used plans for steps with
+        missing grads.
         """
-        key = (dtype, n_state, tuple(lengths), tuple(aligned))
+        key = (dtype, len(state_names), tuple(lengths), tuple(indices), tuple(aligned),
+               None if starts is None else tuple(starts))
         launches = self._plans.pop(key, None)
         if launches is None:
-            slot_choices = _multi_tensor.slot_counts(
-                self._context.devices[0], n_state,
-                len(self.tensor_scalar_names), len(self.scalar_names))
-            launches = _multi_tensor.plan(self._context, lengths, aligned, slot_choices)
+            if starts is not None:
+                launches = [_engine.flat_launch(self._context, lengths, indices, starts,
+                                                all(aligned))]
+            else:
+                device = self._context.devices[0]
+
+                def size(slots):
+                    return _engine.argument_bytes(device, _engine.step_arguments(
+                        slots, state_names, self.scalar_names, self.factor_names, dtype,
+                        dtype, self._factor_dtype()))
+
+                fixed = size(0)
+                per_tensor = size(1) - fixed
+                slot_choices = _engine.slot_counts(device, per_tensor, fixed)
+                launches = _engine.plan(self._context, lengths, indices, aligned, slot_choices)
             while len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
         self._plans[key] = launches  # most recently used last
         return launches
 
-    def _kernel(self, dtype, launch, width, state_names, flags):
-        """This optimizer's own kernel object for one launch shape.
+    def _build_program(self, batches, signature, scaler_key, new_state):
+        layout = self._layout()
+        factor_dtype = self._factor_dtype()
+        guard = self._guarded(scaler_key)
+        program = _engine.Program(self, signature, scaler_key, guard)
+        for g, group, flags, state_names, dtype, members, flat in batches:
+            params = [p for _, p in members]
+            lengths = [p.data.size for p in params]
+            indices = [index for index, _ in members]
+            aligned = [self._aligned(p, dtype) for p in params]
+            starts = [p.data.offset // dtype.itemsize for p in params] if flat else None
+            launches = self._plan(dtype, state_names, lengths, indices, aligned, starts)
+            for launch in launches:
+                # A flat launch has one slot: the shared buffers, at offset 0.
+                slot_params = [_engine.FlatView(params[launch.indices[0]], new_state,
+                                                self._state_entries)] if flat else \
+                    [params[i] for i in launch.indices]
+                update = self._update_kernel(dtype, factor_dtype, launch, layout, state_names,
+                                             flags, guard)
+                program.add_update(g, launch, update, slot_params, state_names, new_state)
+                if guard:
+                    stats = self._stats_kernel(dtype, factor_dtype, launch, layout)
+                    program.add_stats(launch, stats, slot_params)
+        program.finish(self._active_indices(batches))
+        return program
 
-        Kernel objects are never shared between optimizers: setting arguments
-        and enqueueing is not atomic, so two optimizers stepping in two
-        threads would race on a shared one.
-        """
+    def _guarded(self, scaler_key):
+        return self.skip_nonfinite or self.max_grad_norm is not None or scaler_key is not None
+
+    @staticmethod
+    def _active_indices(batches):
+        return [index for batch in batches for index, _ in batch[5]]
+
+    def _update_kernel(self, dtype, factor_dtype, launch, layout, state_names, flags, guard):
+        arguments = _engine.step_arguments(
+            launch.slots, state_names, self.scalar_names, self.factor_names, dtype, dtype,
+            factor_dtype)
         c_type = _kernels.c_type(dtype)
         program = _kernels.get_program(
             self._context, self.template, "optimizer_step",
-            param_t=c_type, state_t=c_type, n_tensors=launch.slots, vector_width=width,
-            aligned=launch.aligned, state_names=tuple(state_names),
-            tensor_scalar_names=tuple(self.tensor_scalar_names),
-            scalar_names=tuple(self.scalar_names), **flags)
-        per_tensor = [None, np.uint32, None, np.uint32] + [None] * len(state_names)
-        per_tensor += [np.dtype(dtype)] * len(self.tensor_scalar_names)
-        dtypes = per_tensor * launch.slots + [None]
-        dtypes += [np.dtype(dtype)] * len(self.scalar_names)
-        return _kernels.new_kernel(program, "optimizer_step", dtypes)
+            param_t=c_type, state_t=c_type, factor_t=_kernels.c_type(factor_dtype),
+            n_tensors=launch.slots, vector_width=layout.vector_width(dtype),
+            aligned=launch.aligned, state_names=tuple(state_names), guard=guard,
+            declarations=tuple(a.declaration for a in arguments), **flags)
+        return _kernels.new_kernel(program, "optimizer_step", [a.dtype for a in arguments]), \
+            arguments
+
+    def _stats_kernel(self, dtype, factor_dtype, launch, layout):
+        arguments = _engine.stats_arguments(launch.slots, dtype, factor_dtype)
+        program = _kernels.get_program(
+            self._context, "step_control.cl.mako", "grad_stats", kernel="grad_stats",
+            param_t=_kernels.c_type(dtype), factor_t=_kernels.c_type(factor_dtype),
+            vector_width=layout.vector_width(dtype), n_tensors=launch.slots,
+            aligned=launch.aligned, declarations=tuple(a.declaration for a in arguments),
+            local_size=layout.local_size)
+        return _kernels.new_kernel(program, "grad_stats", [a.dtype for a in arguments]), \
+            arguments
+
+    # ----------------------------------------------------- device step counts
+    def _read_steps(self):
+        """The step counts as a host array: one read after each step (a sync)."""
+        if self._steps_host is None:
+            self._steps_host = self._steps.get(queue=self._queue)
+        return self._steps_host
+
+    def _write_step(self, index, value):
+        value = self._checked_step(value, _describe(index, None))
+        host = np.asarray([value], np.uint32)
+        cl.enqueue_copy(self._queue, self._steps.base_data, host,
+                        dst_offset=self._steps.offset + 4 * index)
+        self._steps_host = None
 
     # -------------------------------------------------------------- state_dict
     def state_dict(self, format="netcl"):
@@ -495,17 +786,19 @@ class Optimizer:
         packed_state = {}
         groups = []
         index = 0
+        steps = self._read_steps()
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
             if "param_names" in packed:
                 packed["param_names"] = list(packed["param_names"])
             packed["params"] = list(range(index, index + len(group["params"])))
             for i, p in zip(packed["params"], group["params"]):
-                state = self.state.get(id(p))
-                if state:
-                    packed_state[i] = {
-                        name: value.get(queue=self._queue) if isinstance(value, cla.Array)
-                        else value for name, value in state.items()}
+                entry = self._state_entries.get(id(p))
+                if entry is not None and steps[i] > 0:
+                    saved = {"step": int(steps[i])} if self.step_in_state else {}
+                    saved.update((name, value.get(queue=self._queue))
+                                 for name, value in entry.buffers().items())
+                    packed_state[i] = saved
             index += len(group["params"])
             groups.append(packed)
         return {"state": packed_state, "param_groups": groups}
@@ -578,15 +871,25 @@ class Optimizer:
             if checked is not None:
                 new_state[id(p)] = checked
 
-        # Everything is valid: only now upload and swap in.
+        # Everything is valid: only now upload and swap in. A parameter
+        # without saved state starts from step 0; one with SGD's momentum
+        # buffer is past its first step.
         uploaded = {}
+        steps = np.zeros(len(self._position), np.uint32)
         for key, entry in new_state.items():
-            uploaded[key] = {
-                name: cla.to_device(self._queue, value) if isinstance(value, np.ndarray)
-                else value for name, value in entry.items()}
+            entry = dict(entry)
+            step = entry.pop("step", None)
+            steps[self._param_index[key]] = 1 if step is None else step
+            uploaded[key] = _StateEntry(self, self._param_index[key], {
+                name: cla.to_device(self._queue, value) for name, value in entry.items()})
+        cl.enqueue_copy(self._queue, self._steps.base_data, steps,
+                        dst_offset=self._steps.offset)
+        self._steps_host = None
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
-        self.state = uploaded
+        self._state_entries.clear()
+        self._state_entries.update(uploaded)
+        self._state_version += 1
 
     def _checked_state(self, entry, group, p, where):
         """The entry as host arrays ready to upload, or None for "no state"."""
@@ -638,6 +941,8 @@ class Optimizer:
         if isinstance(step, bool) or not isinstance(step, (int, float, np.integer, np.floating)) \
                 or not float(step).is_integer() or step < 0:
             raise ValueError(f"{where}: step must be a non-negative whole number, got {step!r}")
+        if step >= 2**32 - 1:
+            raise ValueError(f"{where}: step {step!r} is too large (step counts are 32-bit)")
         return int(step)
 
     def save(self, path):

@@ -104,6 +104,7 @@ class RMSProp(Optimizer):
         clamp_variance: with ``centered``, replace a negative :math:`s` (only
             reachable through rounding) by 0 before the root; NaN stays NaN
             (default False). No effect without ``centered``.
+        skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
 
     :meth:`from_preset` builds the optimizer with another framework's defaults
     and conventions (see :attr:`PRESETS`).
@@ -112,7 +113,7 @@ class RMSProp(Optimizer):
     template = "rmsprop.cl.mako"
     scalar_names = ("lr", "alpha", "one_minus_alpha", "eps",
                     "weight_decay_value", "momentum_value", "decay_factor")
-    tensor_scalar_names = ("bias_correction_value",)
+    factor_names = ("factor_alpha",)
 
     #: Framework name -> the full keyword arguments that reproduce it.
     #: Sources: torch/optim/rmsprop.py (torch 2.13); TF1
@@ -138,7 +139,8 @@ class RMSProp(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, maximize=False, *, eps_in_sqrt=False,
                  initial_scale=0.0, lr_in_momentum=False, nesterov=False,
-                 bias_correction=False, decoupled_weight_decay=False, clamp_variance=False):
+                 bias_correction=False, decoupled_weight_decay=False, clamp_variance=False,
+                 skip_nonfinite=False, max_grad_norm=None):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, maximize=maximize,
                         eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale,
@@ -146,7 +148,8 @@ class RMSProp(Optimizer):
                         bias_correction=bias_correction,
                         decoupled_weight_decay=decoupled_weight_decay,
                         clamp_variance=clamp_variance)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
+                         max_grad_norm=max_grad_norm)
 
     @classmethod
     def from_preset(cls, name, params, **overrides):
@@ -159,7 +162,7 @@ class RMSProp(Optimizer):
         if not isinstance(name, str) or name not in cls.PRESETS:
             raise ValueError(f"unknown RMSProp preset {name!r}; "
                              f"valid presets: {', '.join(cls.PRESETS)}")
-        unknown = set(overrides) - set(cls.PRESETS[name])
+        unknown = set(overrides) - set(cls.PRESETS[name]) - {"skip_nonfinite", "max_grad_norm"}
         if unknown:
             raise TypeError(f"unknown RMSProp option(s) {sorted(unknown)}")
         kwargs = dict(cls.PRESETS[name])
@@ -214,11 +217,7 @@ class RMSProp(Optimizer):
         alpha = float(group["alpha"])
         weight_decay = float(group["weight_decay"])
         return (lr, alpha, 1.0 - alpha, float(group["eps"]), weight_decay,
-                float(group["momentum"]), 1.0 - lr * weight_decay)
-
-    def _tensor_scalar_args(self, group, step):
-        alpha = float(group["alpha"])
-        return (1.0 - alpha ** step if group["bias_correction"] else 1.0,)
+                float(group["momentum"]), 1.0 - lr * weight_decay, alpha)
 
 
 RMSprop = RMSProp

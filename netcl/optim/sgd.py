@@ -41,18 +41,19 @@ class SGD(Optimizer):
         nesterov: Nesterov momentum; needs momentum > 0 and dampening 0
             (default False).
         maximize: maximise the objective instead of minimising it (default False).
+        skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
     """
 
     template = "sgd.cl.mako"
     scalar_names = ("lr", "weight_decay_value", "momentum_value", "one_minus_dampening")
-    tensor_scalar_names = ("first_step",)
     step_in_state = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False):
+                 nesterov=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
+                         max_grad_norm=max_grad_norm)
 
     def _validate_group(self, group):
         check_non_negative("learning rate", group["lr"])
@@ -77,10 +78,6 @@ class SGD(Optimizer):
     def _scalar_args(self, group):
         return (float(group["lr"]), float(group["weight_decay"]), float(group["momentum"]),
                 1 - float(group["dampening"]))
-
-    def _tensor_scalar_args(self, group, step):
-        # step is 1 on the update that creates the momentum buffer (see the base).
-        return (1.0 if step == 1 else 0.0,)
 
 
 __all__ = ["SGD"]

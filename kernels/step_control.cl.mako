@@ -1,0 +1,168 @@
+<%doc>
+The kernels around a family's update pass, all of one step:
+
+  grad_stats  the reduction pass (only when the step is guarded: skip_nonfinite,
+              max_grad_norm or a GradScaler): per chunk-table row, the sum of
+              squares of the gradient in factor_t. A non-finite element makes
+              the sum non-finite (in double no finite float32 square
+              overflows), so the sum alone carries both the norm and the
+              found-inf decision. Launched over the same chunk tables as the
+              update pass; work-items of a group reduce through local memory.
+  finalize    one work-item: sums the rows in order (deterministic), and writes
+              the control buffer the update kernels read: found_inf, the
+              gradient unscale factor, the clipping coefficient, the total norm.
+  advance     one work-item: adds 1 to the step count of every parameter of
+              this step, or, when a guarded step was skipped, to the
+              skipped-step counter instead (flag guard).
+
+Flags: kernel (which one), and per kernel —
+  grad_stats: param_t, factor_t, vector_width, n_tensors, aligned,
+              declarations (from netcl.optim._engine.stats_arguments),
+              local_size (work-items per group, a power of two)
+  finalize:   factor_t, scaler (a GradScaler's device state is read for the
+              scale, and its found-inf flag, shared by every optimizer it
+              drives until GradScaler.update() resets it, is or-ed with this
+              step's), unscaled (GradScaler.unscale_ already unscaled the
+              gradients and wrote its found-inf into control), clip
+              (max_grad_norm is set)
+</%doc>
+<%!
+    from netcl.optim._engine import (ROW, FOUND_INF, UNSCALE, CLIP_COEF, TOTAL_NORM, SCALE,
+                                     SCALER_FOUND_INF)
+%>
+<%page args="kernel, **flags"/>
+${getattr(self, kernel)(**flags)}
+
+<%def name="grad_stats(param_t, factor_t, vector_width, n_tensors, aligned, declarations, local_size)">
+<%
+    W = vector_width
+    FV = factor_t if W == 1 else "%s%d" % (factor_t, W)
+    convert = (lambda v: "(%s)(%s)" % (factor_t, v)) if W == 1 else \
+        (lambda v: "convert_%s(%s)" % (FV, v))
+    if W == 1:
+        body_load = "g_ptr[i]"
+    elif aligned:
+        body_load = "((__global const %s%d *)g_ptr)[i]" % (param_t, W)
+    else:
+        body_load = "vload%d(i, g_ptr)" % W
+%>
+% if "double" in (param_t, factor_t):
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+% endif
+__kernel void grad_stats(
+    ${",\n    ".join(declarations)})
+{
+    const uint row = ${ROW} * get_group_id(0);
+    const uint k = chunks[row];
+    const uint start = chunks[row + 1];
+    const uint count = chunks[row + 2];
+    __global const ${param_t} *g_ptr;
+    switch (k) {
+% for k in range(n_tensors):
+    case ${k}:
+        g_ptr = g${k} + g${k}_offset + start;
+        break;
+% endfor
+    default:
+        return;
+    }
+    ${FV} acc = 0;
+    const uint n_vec = count / ${W};
+    for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
+        const ${FV} v = ${convert(body_load)};
+        acc += v * v;
+    }
+% if W > 1:
+    ${factor_t} sum = 0;
+%   for j in range(W):
+    sum += acc.s${"%x" % j};
+%   endfor
+    for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
+        const ${factor_t} v = (${factor_t})g_ptr[at];
+        sum += v * v;
+    }
+% else:
+    ${factor_t} sum = acc;
+% endif
+% if local_size > 1:
+    __local ${factor_t} scratch[${local_size}];
+    const uint lid = get_local_id(0);
+    scratch[lid] = sum;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint stride = ${local_size // 2}; stride > 0; stride >>= 1) {
+        if (lid < stride)
+            scratch[lid] += scratch[lid + stride];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0)
+        partials[row_base + get_group_id(0)] = scratch[0];
+% else:
+    partials[row_base + get_group_id(0)] = sum;
+% endif
+}
+</%def>
+
+<%def name="finalize(factor_t, scaler, unscaled, clip)">
+% if factor_t == "double":
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+% endif
+__kernel void finalize(__global const ${factor_t} *restrict partials, const uint n_rows,
+                       __global float *restrict control,
+                       __global float *restrict scaler_state,
+                       const float max_norm)
+{
+    if (get_global_id(0) != 0)
+        return;
+    ${factor_t} sum = 0;
+    for (uint r = 0; r < n_rows; ++r)
+        sum += partials[r];
+    int found_inf = !isfinite(sum);
+% if scaler and unscaled:
+    // GradScaler.unscale_ already unscaled the gradients and checked them.
+    found_inf = found_inf || control[${FOUND_INF}] != 0.0f;
+    const float inv_scale = 1.0f;
+% elif scaler:
+    // torch: inv_scale = scale.double().reciprocal().float()
+    const float inv_scale = (float)(1 / (${factor_t})scaler_state[${SCALE}]);
+% else:
+    const float inv_scale = 1.0f;
+% endif
+    const float total = (float)(sqrt(sum) * inv_scale);
+% if clip:
+    // torch.nn.utils.clip_grad_norm_: max_norm / (total + 1e-6), which torch
+    // evaluates as (total + 1e-6).reciprocal() * max_norm, clamped at 1 (NaN kept).
+    float coef = (1.0f / (total + 1e-6f)) * max_norm;
+    coef = coef > 1.0f ? 1.0f : coef;
+% else:
+    const float coef = 1.0f;
+% endif
+    control[${FOUND_INF}] = found_inf ? 1.0f : 0.0f;
+    control[${UNSCALE}] = inv_scale;
+    control[${CLIP_COEF}] = coef;
+    control[${TOTAL_NORM}] = total;
+% if scaler:
+    if (found_inf)
+        scaler_state[${SCALER_FOUND_INF}] = 1.0f;
+% endif
+}
+</%def>
+
+<%def name="advance(guard)">
+__kernel void advance(__global uint *restrict steps, __global const uint *restrict active,
+                      const uint n_active, __global const float *restrict control,
+                      __global uint *restrict skipped)
+{
+    if (get_global_id(0) != 0)
+        return;
+% if guard:
+    // Only a guarded step's finalize decides found-inf: an unguarded step
+    // never reads control (GradScaler.unscale_ may have left a value there).
+    if (control[${FOUND_INF}] != 0.0f) {
+        skipped[0] += 1;
+        return;
+    }
+% endif
+    for (uint i = 0; i < n_active; ++i)
+        steps[active[i]] += 1;
+}
+</%def>

@@ -1,0 +1,240 @@
+"""The step engine: device-resident step counts, the non-finite skip, fused
+gradient clipping, and arguments bound once."""
+
+import math
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+import pytest
+
+import netcl
+from netcl import _kernels
+from netcl.bench import workloads
+from netcl.optim import SGD, Adam, AdamW, RMSProp
+
+from conftest import assert_close, make_queue
+
+# ResNet-50's 161 tensors, each cut to at most 3000 elements so that every
+# family and variant runs in a second.
+SHAPES = [min(math.prod(shape), 3000) for _, shape in workloads(["resnet50"])[0].shapes]
+assert len(SHAPES) == 161
+
+VARIANTS = [
+    (RMSProp, dict(lr=1e-2)),
+    (RMSProp, dict(lr=1e-2, momentum=0.9)),
+    (RMSProp, dict(lr=1e-2, centered=True)),
+    (RMSProp, dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2)),
+    (RMSProp, dict(lr=1e-2, bias_correction=True, eps_in_sqrt=True)),
+    (Adam, dict(lr=1e-2)),
+    (Adam, dict(lr=1e-2, amsgrad=True, weight_decay=1e-2)),
+    (AdamW, dict(lr=1e-2)),
+    (SGD, dict(lr=1e-2)),
+    (SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1)),
+    (SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+]
+
+
+def variant_id(v):
+    cls, kw = v
+    return cls.__name__ + "-" + "-".join(f"{k}={w}" for k, w in kw.items())
+
+
+def make_params(queue, dtype, seed=0, sizes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return [netcl.Parameter(cla.to_device(queue, rng.standard_normal(n).astype(dtype)))
+            for n in sizes]
+
+
+def grads_for(params, step, dtype):
+    rng = np.random.default_rng(1000 + step)
+    return [rng.standard_normal(p.data.size).astype(dtype) for p in params]
+
+
+def set_grads(queue, params, host):
+    for p, g in zip(params, host):
+        p.grad = cla.to_device(queue, g)
+
+
+def snapshot(opt, params):
+    sd = opt.state_dict()
+    return [p.data.get() for p in params], sd["state"]
+
+
+def assert_same(a, b):
+    params_a, state_a = a
+    params_b, state_b = b
+    for x, y in zip(params_a, params_b):
+        assert np.array_equal(x, y, equal_nan=True)
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        assert state_a[i].keys() == state_b[i].keys()
+        for name in state_a[i]:
+            assert np.array_equal(state_a[i][name], state_b[i][name]), (i, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_nan_gradient_skips_the_step(ctx_factory, variant, dtype, first):
+    check_skip(ctx_factory, variant, dtype, first, np.nan)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_infinite_gradient_skips_the_step(ctx_factory, bad):
+    check_skip(ctx_factory, (Adam, dict(lr=1e-2)), np.float32, False, bad)
+
+
+def check_skip(ctx_factory, variant, dtype, first, bad):
+    """A NaN or infinity in one element of one of 161 tensors changes nothing:
+    params, every state buffer and every step count stay bitwise as they
+    were (a skipped first step leaves no state), and the next finite step is
+    the one a run without it would take."""
+    queue = make_queue(ctx_factory, dtype)
+    cls, kw = variant
+    params, twin_params = make_params(queue, dtype), make_params(queue, dtype)
+    opt = cls(params, skip_nonfinite=True, **kw)
+    twin = cls(twin_params, skip_nonfinite=True, **kw)
+    warmup = 0 if first else 2
+    for step in range(warmup):
+        host = grads_for(params, step, dtype)
+        set_grads(queue, params, host)
+        set_grads(queue, twin_params, host)
+        opt.step()
+        twin.step()
+    before = snapshot(opt, params)
+
+    host = grads_for(params, 99, dtype)
+    host[80][7] = bad
+    set_grads(queue, params, host)
+    opt.step()
+    assert_same(before, snapshot(opt, params))
+    assert opt.skipped_steps == 1
+
+    host = grads_for(params, warmup, dtype)
+    set_grads(queue, params, host)
+    set_grads(queue, twin_params, host)
+    opt.step()
+    twin.step()
+    assert_same(snapshot(twin, twin_params), snapshot(opt, params))
+    assert opt.skipped_steps == 1 and twin.skipped_steps == 0
+
+
+def test_skip_is_off_by_default(ctx_factory):
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[10, 20])
+    opt = Adam(params)
+    host = grads_for(params, 0, np.float32)
+    host[1][3] = np.nan
+    set_grads(queue, params, host)
+    opt.step()
+    assert np.isnan(params[1].data.get()[3])
+    assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("variant", [
+    (Adam, "Adam", dict(lr=1e-2)), (AdamW, "AdamW", dict(lr=1e-2, amsgrad=True)),
+    (SGD, "SGD", dict(lr=1e-1, momentum=0.9)),
+    (RMSProp, "RMSprop", dict(lr=1e-2, momentum=0.9, centered=True))],
+    ids=lambda v: v[1])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_max_grad_norm_matches_torch_clip_then_step(ctx_factory, variant, max_norm):
+    torch = pytest.importorskip("torch")
+    queue = make_queue(ctx_factory)
+    cls, torch_name, kw = variant
+    sizes = [300, 7, 4096, 1]
+    params = make_params(queue, np.float32, sizes=sizes)
+    tensors = [torch.tensor(p.data.get(), requires_grad=True) for p in params]
+    opt = cls(params, max_grad_norm=max_norm, **kw)
+    topt = getattr(torch.optim, torch_name)(tensors, **kw)
+    for step in range(4):
+        host = [0.1 * g for g in grads_for(params, step, np.float32)]
+        set_grads(queue, params, host)
+        for t, g in zip(tensors, host):
+            t.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_(tensors, max_norm, foreach=True)
+        opt.step()
+        topt.step()
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            # The norm's summation order differs from torch's: the coefficient
+            # may differ in its last bits.
+            assert_close(p.data.get(), t.detach().numpy(), f"step {step} param {i}", nulp=64)
+    total = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in host))
+    assert opt._control.get()[3] == pytest.approx(total, rel=1e-6)
+
+
+def test_step_counts_live_on_the_device(ctx_factory):
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[5, 6])
+    opt = Adam(params)
+    for step in range(3):
+        set_grads(queue, params, grads_for(params, step, np.float32))
+        if step == 2:
+            params[1].grad = None
+        opt.step()
+    assert [opt.state[id(p)]["step"] for p in params] == [3, 2]
+    opt.state[id(params[1])]["step"] = 7
+    assert opt.state_dict()["state"][1]["step"] == 7
+    with pytest.raises(ValueError, match="step"):
+        opt.state[id(params[1])]["step"] = -1
+    assert opt.state[id(params[1])]["step"] == 7
+
+
+class _SetArgCounter:
+    """Counts clSetKernelArg calls made through pyopencl's Kernel methods."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name, per_call in (("set_arg", lambda args: 1), ("_set_arg_buf", lambda args: 1),
+                               ("set_args", len)):
+            real = getattr(cl.Kernel, name)
+
+            def counting(kernel, *args, real=real, per_call=per_call):
+                self.calls += per_call(args)
+                return real(kernel, *args)
+
+            monkeypatch.setattr(cl.Kernel, name, counting)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_arguments_are_set_only_where_arrays_changed(ctx_factory, monkeypatch, guarded):
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[100] * 50)
+    opt = RMSProp(params, momentum=0.9, skip_nonfinite=guarded)
+    set_grads(queue, params, grads_for(params, 0, np.float32))
+    opt.step()
+    opt.step()
+    counter = _SetArgCounter(monkeypatch)
+    for _ in range(3):  # same arrays, same hyperparameters
+        opt.step()
+    assert counter.calls == 0
+    opt.param_groups[0]["lr"] = 1e-3  # one scalar per launch
+    opt.step()
+    launches = len(opt._program.updates)
+    assert counter.calls == launches
+    counter.calls = 0
+    set_grads(queue, params, grads_for(params, 1, np.float32))  # every grad new
+    opt.step()
+    # a buffer and an offset per gradient, in the update and the statistics pass
+    assert counter.calls == 2 * len(params) * (2 if guarded else 1)
+
+
+def test_unguarded_step_after_a_skipped_scaled_step_counts(ctx_factory):
+    """An unguarded step never reads the found-inf a GradScaler left behind."""
+    from netcl.amp import GradScaler
+
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[8])
+    opt = Adam(params, lr=0.1)
+    scaler = GradScaler(queue)
+    host = grads_for(params, 0, np.float32)
+    host[0][2] = np.inf
+    set_grads(queue, params, host)
+    scaler.step(opt)
+    scaler.update()
+    assert opt.skipped_steps == 1
+    set_grads(queue, params, grads_for(params, 1, np.float32))
+    scaler.unscale_(opt)  # writes found-inf into the optimizer's control buffer
+    opt.step()            # unguarded
+    assert opt.state[id(params[0])]["step"] == 1
+    assert opt.skipped_steps == 1
