@@ -14,6 +14,9 @@ between steps. Shapes follow torch: inputs are ``(batch, features)`` and
 
 Arrays may be views with an offset (``x[16:32]``); everything is enqueued on
 one in-order queue and nothing waits for the device except reading a result.
+
+Gradient clipping (``clip_grad_norm_``, ``clip_grad_value_``) lives in
+:mod:`netcl.nn.utils`, as in torch.
 """
 
 import numpy as np
@@ -23,7 +26,7 @@ from netcl import _kernels
 from netcl.device import default_queue, layout as device_layout
 from netcl.parameter import Parameter
 
-__all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy", "take_rows"]
+__all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy", "take_rows", "utils"]
 
 _BLOCK_ROWS = 4  # rows of outputs per matmul work item; columns: one device vector
 _XENT_GROUP = 64
@@ -304,3 +307,6 @@ def take_rows(x, index, queue=None):
     kernel(q, global_size, (tile, tile), *_arg(x), *_arg(index), *_arg(out),
            _U(n_rows), _U(cols), _U(count))
     return out
+
+
+from netcl.nn import utils  # noqa: E402  (torch.nn.utils counterpart)
