@@ -3,9 +3,8 @@ The kernels around a family's update pass, all of one step:
 
   grad_stats  the reduction pass (only when the step is guarded: skip_nonfinite,
               max_grad_norm or a GradScaler): per chunk-table row, the sum of
-              squares of the gradient in factor_t. A non-finite element makes
-              the sum non-finite (in double no finite float32 square
-              overflows), so the sum alone carries both the norm and the
+              squares of the gradient, or NaN when the row holds a NaN or
+              infinity, so one number per row carries both the norm and the
               found-inf decision. Launched over the same chunk tables as the
               update pass; work-items of a group reduce through local memory.
   finalize    one work-item: sums the rows in order (deterministic), and writes
@@ -36,9 +35,14 @@ ${getattr(self, kernel)(**flags)}
 <%def name="grad_stats(param_t, factor_t, vector_width, n_tensors, aligned, declarations, local_size)">
 <%
     W = vector_width
-    FV = factor_t if W == 1 else "%s%d" % (factor_t, W)
-    convert = (lambda v: "(%s)(%s)" % (factor_t, v)) if W == 1 else \
-        (lambda v: "convert_%s(%s)" % (FV, v))
+    # Squares accumulate in the gradient's own type along a row (at most
+    # 16384 of them: a few ulp) and rows in factor_t; reading in float64
+    # would halve the vector width. A non-finite element is flagged
+    # separately and turns the row's sum into NaN, so a sum that merely
+    # overflows float32 stays an infinite norm (as torch's) and not a
+    # found-inf.
+    V = param_t if W == 1 else "%s%d" % (param_t, W)
+    BAD = ("long" if param_t == "double" else "int") + ("" if W == 1 else str(W))
     if W == 1:
         body_load = "g_ptr[i]"
     elif aligned:
@@ -66,24 +70,33 @@ __kernel void grad_stats(
     default:
         return;
     }
-    ${FV} acc = 0;
+    ${V} acc = 0;
+    ${BAD} bad = 0;
     const uint n_vec = count / ${W};
     for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
-        const ${FV} v = ${convert(body_load)};
+        const ${V} v = ${body_load};
         acc += v * v;
+        bad |= isnan(v) | isinf(v);
     }
 % if W > 1:
+    int row_bad = any(bad);
     ${factor_t} sum = 0;
 %   for j in range(W):
-    sum += acc.s${"%x" % j};
+    sum += (${factor_t})acc.s${"%x" % j};
 %   endfor
-    for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
-        const ${factor_t} v = (${factor_t})g_ptr[at];
-        sum += v * v;
-    }
 % else:
+    int row_bad = bad != 0;
     ${factor_t} sum = acc;
 % endif
+% if W > 1:
+    for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
+        const ${param_t} v = g_ptr[at];
+        sum += (${factor_t})(v * v);
+        row_bad |= isnan(v) || isinf(v);
+    }
+% endif
+    if (row_bad)
+        sum = NAN;
 % if local_size > 1:
     __local ${factor_t} scratch[${local_size}];
     const uint lid = get_local_id(0);
@@ -116,7 +129,8 @@ __kernel void finalize(__global const ${factor_t} *restrict partials, const uint
     ${factor_t} sum = 0;
     for (uint r = 0; r < n_rows; ++r)
         sum += partials[r];
-    int found_inf = !isfinite(sum);
+    // A non-finite gradient made its row NaN; an overflowing sum is only +inf.
+    int found_inf = isnan(sum);
 % if scaler and unscaled:
     // GradScaler.unscale_ already unscaled the gradients and checked them.
     found_inf = found_inf || control[${FOUND_INF}] != 0.0f;

@@ -100,7 +100,12 @@ def epilogue_rows(netcl, queue, torch, workload, host_views, steps, warmup, tick
         return params
 
     def add(impl, step, finish):
-        median, times = _time(step, finish, steps, warmup)
+        try:
+            median, times = _time(step, finish, steps, warmup)
+        except Exception as exc:  # one broken row must not cost the others
+            rows.append(dict(section="epilogue", workload=workload.name, optimizer="adam",
+                             impl=impl, ms=None, status=f"failed: {type(exc).__name__}: {exc}"))
+            return
         rows.append(dict(section="epilogue", workload=workload.name, optimizer="adam",
                          impl=impl, ms=median * 1e3, steps=len(times)))
         if tick:
@@ -136,6 +141,7 @@ def epilogue_rows(netcl, queue, torch, workload, host_views, steps, warmup, tick
             t.grad = torch.tensor(grad)
         topt = torch.optim.Adam(tensors, lr=1e-4, fused=True)
         scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
+        scaler.scale(torch.ones(()))  # torch creates its scale at the first scale()
 
         def torch_step():
             with torch.no_grad():
