@@ -21,6 +21,7 @@ cost must not grow with the number of tensors. So:
   step whose outcome depends on device values never waits for the host.
 """
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ CHUNK = 16384
 _MAX_SLOTS = 32
 _UINT_LIMIT = 2**32 - CHUNK
 ROW = 4  # uints per chunk-table row: slot, start, count, parameter index
+_U32 = struct.Struct("<I")  # a uint kernel argument's bytes (OpenCL devices here are little-endian)
 
 # The control buffer (float32): what the reduction pass decides for the rest
 # of the step.
@@ -348,12 +350,15 @@ class Program:
         data, grad = p.data, p.grad
         seen = bound.seen[k] if record else None
         old_data, old_grad, old_state = seen if seen is not None else (None, None, ())
+        positions = bound.positions
         # Everything that can raise comes before the first set_arg.
         values = []
-        if f"p{k}" in bound.positions and data is not old_data:
-            values += [(f"p{k}", data.base_data), (f"p{k}_offset", np.uint32(element_offset(data)))]
+        if data is not old_data and f"p{k}" in positions:
+            values += [(positions[f"p{k}"], data.base_data),
+                       (positions[f"p{k}_offset"], _U32.pack(element_offset(data)))]
         if grad is not old_grad:
-            values += [(f"g{k}", grad.base_data), (f"g{k}_offset", np.uint32(element_offset(grad)))]
+            values += [(positions[f"g{k}"], grad.base_data),
+                       (positions[f"g{k}_offset"], _U32.pack(element_offset(grad)))]
         state = ()
         if bound.state_names:
             if isinstance(p, FlatView):
@@ -363,11 +368,15 @@ class Program:
             state = tuple(buffers[name] for name in bound.state_names)
             changed = [(name, buffer) for name, buffer, old in zip(
                 bound.state_names, state, old_state or (None,) * len(state)) if buffer is not old]
-            values += [(f"{name}{k}", buffer.base_data) for name, buffer in changed]
+            values += [(positions[f"{name}{k}"], buffer.base_data) for name, buffer in changed]
             if changed:
-                values.append((f"s{k}_offset", np.uint32(element_offset(state[0]))))
-        for name, value in values:
-            bound.set(name, value)
+                values.append((positions[f"s{k}_offset"], _U32.pack(element_offset(state[0]))))
+        kernel = bound.kernel
+        for position, value in values:
+            if isinstance(value, bytes):
+                kernel._set_arg_buf(position, value)
+            else:
+                kernel.set_arg(position, value)
         if record:
             bound.seen[k] = (data, grad, state)
 

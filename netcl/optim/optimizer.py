@@ -530,36 +530,47 @@ class Optimizer:
         signature = []
         new_state = {}
         state_checked = self._state_version != self._checked_state_version
+        param_index, entries = self._param_index, self._state_entries
+        seen_data, seen_grads = self._checked_data, self._checked_grads
         for g, (group, (flags, _)) in enumerate(zip(self.param_groups, groups)):
             needed = self._state_names(group)
-            names = group.get("param_names")
             by_dtype = {}
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                index = self._param_index[id(p)]
-                with _naming(index, names[i] if names else None):
-                    # An Array's dtype, shape and context never change, so a
-                    # data array that passed once needs no second look.
-                    if self._checked_data.get(id(p)) is not p.data:
+                key = id(p)
+                try:
+                    # An Array's dtype, shape and context never change, so an
+                    # array that passed once needs no second look.
+                    if seen_data.get(key) is not p.data:
                         self._check_param(p, self._context)
-                        checked_data[id(p)] = p.data
+                        checked_data[key] = p.data
                         state_checked = True
-                    if self._checked_grads.get(id(p)) is not p.grad:
+                    if seen_grads.get(key) is not grad:
                         self._check_grad(p)
-                    entry = self._state_entries.get(id(p))
-                    if entry is not None and entry.buffers():
-                        if state_checked:
-                            self._check_state(p, entry.buffers(), needed)
-                by_dtype.setdefault(p.data.dtype, []).append((index, p))
+                    entry = entries.get(key)
+                    if state_checked and entry is not None and entry.buffers():
+                        self._check_state(p, entry.buffers(), needed)
+                except (TypeError, ValueError) as exc:
+                    names = group.get("param_names")
+                    raise type(exc)(f"{_describe(param_index[key], names[i] if names else None)}"
+                                    f": {exc}") from None
+                members = by_dtype.get(p.data.dtype)
+                if members is None:
+                    members = by_dtype[p.data.dtype] = []
+                members.append((param_index[key], p))
+            flag_key = tuple(sorted(flags.items()))
             for dtype, members in by_dtype.items():
-                fresh = [p for _, p in members if id(p) not in self._state_entries]
+                fresh = [p for _, p in members if id(p) not in entries]
                 if fresh and (needed or self.step_in_state):
                     new_state.update(self._new_state(group, fresh, len(fresh) == len(members)))
                 flat = self._flat(members, needed, new_state)
                 batches.append((g, group, flags, needed, dtype, members, flat))
-                signature.append((g, dtype, tuple(sorted(flags.items())), flat, tuple(
-                    (index, p.data.size, self._aligned(p, dtype)) for index, p in members)))
+                width, itemsize = self._layout().vector_width(dtype), dtype.itemsize
+                signature.append((g, dtype, flag_key, flat, tuple(
+                    (index, p.data.size, (p.data.offset // itemsize) % width == 0
+                     and (p.grad.offset // itemsize) % width == 0) for index, p in members)))
         signature = (tuple(signature), scaler_key)
 
         program = self._program
