@@ -779,9 +779,15 @@ def _loadavg():
         return None
 
 
+_fallback_context = []
+
+
 def _fallback_queue():
     # Without a working netcl the ceiling and torch rows are still worth having.
-    return cl.CommandQueue(cl.create_some_context(interactive=False))
+    # The context is kept: Intel's CPU runtime frees a context with its last
+    # Python handle even while a queue on it is in use.
+    _fallback_context.append(cl.create_some_context(interactive=False))
+    return cl.CommandQueue(_fallback_context[-1])
 
 
 class _Unavailable(Exception):

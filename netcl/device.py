@@ -103,7 +103,8 @@ _CPU_VECTOR_BYTES = 32
 # GPUs coalesce 16-byte vector accesses across a work-group of 64.
 _GPU_VECTOR_BYTES = 16
 _GPU_GROUP = 64
-_VALID_BYTES = (4, 8, 16, 32, 64, 128)
+# 64 bytes is float16, the widest float vector OpenCL C has.
+_VALID_BYTES = (4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def layout(device):
     By default a CPU device gets ``"cpu"`` with 32-byte vectors and any other
     device ``"gpu"`` with 16-byte vectors. ``NETCL_LAYOUT=cpu|gpu`` forces the
     kind (``gpu`` runs the GPU code path anywhere, e.g. under Oclgrind) and
-    ``NETCL_VECTOR_BYTES=4|8|16|32|64|128`` the vector size; an invalid
+    ``NETCL_VECTOR_BYTES=4|8|16|32|64`` the vector size; an invalid
     value raises ``ValueError`` naming the variable. The vector never exceeds
     the device's guaranteed buffer alignment, since aligned launches read
     whole vectors through vector pointers.

@@ -41,7 +41,7 @@ checks that each is reported).
 Cases
 -----
 Lengths per tensor (W = the layout's vector width for the dtype, C = 16384,
-netcl.optim._multi_tensor.CHUNK): 0, 1, 7, W-1, W+1, 2W+3, C-1, C+1, all in one
+netcl.optim._engine.CHUNK): 0, 1, 7, W-1, W+1, 2W+3, C-1, C+1, all in one
 optimizer (one multi-tensor launch), plus views ``big[3:3+n]`` (odd element
 offset; the gradient at offset 5 of another buffer; n = 7, W+1 and C+1) and
 ``big[W:W+W+1]`` (an offset on a vector boundary, so the aligned kernel with
@@ -72,9 +72,9 @@ import pyopencl.array as cla  # noqa: E402
 
 import netcl  # noqa: E402
 from netcl import device as netcl_device  # noqa: E402
-from netcl.optim import SGD, Adam, AdamW, RMSProp, _multi_tensor  # noqa: E402
+from netcl.optim import SGD, Adam, AdamW, RMSProp, _engine  # noqa: E402
 
-CHUNK = _multi_tensor.CHUNK
+CHUNK = _engine.CHUNK
 LAYOUT_VARS = ("NETCL_LAYOUT", "NETCL_VECTOR_BYTES")
 
 # Everything ever allocated, kept to the end (see the module docstring).
@@ -107,8 +107,9 @@ def fill_by_host_writes():
 
     Oclgrind 21.10's uninitialised-value tracking does not see what a fill
     command writes: a 7-element buffer filled with zeros and then read by a
-    kernel is reported as uninitialised (``--demo-fill-bug``). netcl fills new
-    optimizer state with a fill command; the bytes it writes are the same.
+    kernel is reported as uninitialised (``--demo-fill-bug``). netcl writes
+    new optimizer state from the host on a simulator for that reason; other
+    fills (pyopencl's, the tests' own) write the same bytes this way.
     """
     original = cl.enqueue_fill_buffer
     if getattr(original, "_by_host", False):
@@ -157,7 +158,12 @@ VARIANTS = [
      dict(maximize=True, amsgrad=True, weight_decay=0.1), False),
     ("adamw", "plain", AdamW, dict(), False),
     ("adamw", "amsgrad+maximize", AdamW, dict(amsgrad=True, maximize=True), False),
+    # The step engine's guarded steps: grad_stats, finalize, advance.
+    ("adam", "skip_nonfinite", Adam, dict(skip_nonfinite=True), False),
+    ("rmsprop", "max_grad_norm", RMSProp, dict(momentum=0.9, max_grad_norm=0.5), False),
     ("sgd", "plain", SGD, dict(lr=0.1), True),
+    ("sgd", "skip+clip", SGD,
+     dict(lr=0.1, momentum=0.9, skip_nonfinite=True, max_grad_norm=0.5), False),
     ("sgd", "momentum", SGD, dict(lr=0.1, momentum=0.9), True),
     ("sgd", "dampening", SGD, dict(lr=0.1, momentum=0.9, dampening=0.3), False),
     ("sgd", "nesterov", SGD, dict(lr=0.1, momentum=0.9, nesterov=True), False),

@@ -105,7 +105,10 @@ def test_duplicates_and_shared_params(queue):
 
 
 def test_params_in_two_contexts(queue):
-    other = cl.CommandQueue(cl.Context(queue.context.devices))
+    # Keep the context: Intel's CPU runtime frees it with its last Python
+    # handle even while a queue on it is in use.
+    other_context = cl.Context(queue.context.devices)
+    other = cl.CommandQueue(other_context)
     with pytest.raises(ValueError, match="parameter 1.*context"):
         RMSProp([param(queue), param(other)])
 
@@ -124,7 +127,8 @@ def test_bad_grad_changes_nothing(queue, bad):
         victim.grad = cla.zeros(queue, 6, np.float64)
         error, match = TypeError, "parameter 1.*dtype"
     elif bad == "context":
-        other = cl.CommandQueue(cl.Context(queue.context.devices))
+        other_context = cl.Context(queue.context.devices)  # kept alive (Intel's runtime)
+        other = cl.CommandQueue(other_context)
         victim.grad = cla.zeros(other, 6, np.float32)
         error, match = ValueError, "parameter 1.*context"
     else:

@@ -254,8 +254,9 @@ def test_ceiling_kernel_updates_every_element(n):
     import pyopencl as cl
     import pyopencl.array as cla
 
-    queue = cl.CommandQueue(cl.create_some_context(interactive=False))
-    kernel = bench.ceiling_kernel(queue.context)
+    context = cl.create_some_context(interactive=False)  # kept alive (Intel's runtime)
+    queue = cl.CommandQueue(context)
+    kernel = bench.ceiling_kernel(context)
     rng = np.random.default_rng(n)
     a0, b0, c0 = (rng.random(n, dtype=np.float32) for _ in range(3))
     a, b, c = (cla.to_device(queue, x) for x in (a0, b0, c0))

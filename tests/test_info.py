@@ -16,7 +16,8 @@ import netcl
 import netcl.device
 import netcl.info
 
-ENV_VARS = ("PYOPENCL_CTX", "NETCL_LAYOUT", "NETCL_VECTOR_BYTES")
+# PYOPENCL_TEST too: pyopencl's create_some_context prefers it to PYOPENCL_CTX.
+ENV_VARS = ("PYOPENCL_CTX", "PYOPENCL_TEST", "NETCL_LAYOUT", "NETCL_VECTOR_BYTES")
 
 
 def pyopencl_devices():

@@ -11,8 +11,9 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
-# Each tensor starts on a 128-byte boundary: the widest vector netcl uses
-# (NETCL_VECTOR_BYTES=128), so flat tensors are read through vector pointers.
+# Each tensor starts on a 128-byte boundary, a multiple of the widest vector
+# netcl uses (NETCL_VECTOR_BYTES=64), so flat tensors are read through vector
+# pointers.
 _ALIGN_BYTES = 128
 
 

@@ -17,7 +17,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from netcl import _kernels
-from netcl.device import layout as device_layout
+from netcl.device import is_simulator, layout as device_layout
 from netcl.optim import _engine
 from netcl.parameter import Parameter, generation as parameter_generation
 
@@ -61,10 +61,19 @@ def check_unit_interval(name, value, *, upper_open=False):
 
 
 def fill(queue, array, value):
-    """Fill ``array`` with ``value`` by a fill command: no kernel to build."""
-    if array.nbytes:
-        pattern = np.asarray(value, array.dtype)
-        cl.enqueue_fill_buffer(queue, array.base_data, pattern, array.offset, array.nbytes)
+    """Fill ``array`` with ``value`` by a fill command: no kernel to build.
+
+    On a simulator (Oclgrind, which never marks what a fill command writes as
+    initialised) the same bytes are written from the host instead.
+    """
+    if not array.nbytes:
+        return
+    if is_simulator(queue.device):
+        host = np.full(array.size, value, array.dtype)
+        cl.enqueue_copy(queue, array.base_data, host, dst_offset=array.offset)
+        return
+    pattern = np.asarray(value, array.dtype)
+    cl.enqueue_fill_buffer(queue, array.base_data, pattern, array.offset, array.nbytes)
 
 
 def check_flag(name, value):
