@@ -42,7 +42,6 @@ ${getattr(self, kernel)(**flags)}
     # overflows float32 stays an infinite norm (as torch's) and not a
     # found-inf.
     V = param_t if W == 1 else "%s%d" % (param_t, W)
-    BAD = ("long" if param_t == "double" else "int") + ("" if W == 1 else str(W))
     if W == 1:
         body_load = "g_ptr[i]"
     elif aligned:
@@ -70,32 +69,33 @@ __kernel void grad_stats(
     default:
         return;
     }
-    ${V} acc = 0;
-    ${BAD} bad = 0;
+    // v - v is exactly 0 for a finite v and NaN for a NaN or infinity (no
+    // contraction or fast math here), so `check` turns NaN if any element is
+    // not finite: cheaper than isnan/isinf, which PoCL does not vectorise.
+    ${V} acc = 0, check = 0;
     const uint n_vec = count / ${W};
     for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
         const ${V} v = ${body_load};
         acc += v * v;
-        bad |= isnan(v) | isinf(v);
+        check += v - v;
     }
-% if W > 1:
-    int row_bad = any(bad);
     ${factor_t} sum = 0;
+    ${param_t} row_check = 0;
+% if W > 1:
 %   for j in range(W):
     sum += (${factor_t})acc.s${"%x" % j};
+    row_check += check.s${"%x" % j};
 %   endfor
-% else:
-    int row_bad = bad != 0;
-    ${factor_t} sum = acc;
-% endif
-% if W > 1:
     for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
         const ${param_t} v = g_ptr[at];
         sum += (${factor_t})(v * v);
-        row_bad |= isnan(v) || isinf(v);
+        row_check += v - v;
     }
+% else:
+    sum = acc;
+    row_check = check;
 % endif
-    if (row_bad)
+    if (isnan(row_check))
         sum = NAN;
 % if local_size > 1:
     __local ${factor_t} scratch[${local_size}];
