@@ -33,7 +33,8 @@ class RMSProp(Optimizer):
     For each parameter :math:`p` with gradient :math:`g` at its step :math:`t`
     (counted per parameter, starting at 1), learning rate :math:`\eta`,
     smoothing constant :math:`\alpha`, weight decay :math:`\lambda`, momentum
-    :math:`\mu`; bracketed factors are computed on the host in float64:
+    :math:`\mu`; bracketed factors are computed in float64 (on the host, and
+    :math:`1-\alpha^t` in the kernel from the device-resident step count):
 
     .. math::
 
