@@ -6,6 +6,7 @@ float32 rounding. Sequences inject inf/NaN into one element and grow the
 scale (growth_interval=3); unscale_ and clipping run in between.
 """
 
+import gc
 import pickle
 
 import numpy as np
@@ -524,12 +525,19 @@ def test_no_host_sync(queue, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a host sync")
 
-    monkeypatch.setattr(cla.Array, "get", forbidden)
-    monkeypatch.setattr(cla.Array, "get_async", forbidden)
-    monkeypatch.setattr(cl, "wait_for_events", forbidden)
-    monkeypatch.setattr(cl.Event, "wait", forbidden, raising=False)
-    monkeypatch.setattr(cl.CommandQueue, "finish", forbidden, raising=False)
-    iteration()
-    iteration()
-    monkeypatch.undo()
+    # Garbage left by earlier tests must not be collected while the sync
+    # methods raise: a finaliser that waits would then abort the process.
+    gc.collect()
+    gc.disable()
+    try:
+        monkeypatch.setattr(cla.Array, "get", forbidden)
+        monkeypatch.setattr(cla.Array, "get_async", forbidden)
+        monkeypatch.setattr(cl, "wait_for_events", forbidden)
+        monkeypatch.setattr(cl.Event, "wait", forbidden, raising=False)
+        monkeypatch.setattr(cl.CommandQueue, "finish", forbidden, raising=False)
+        iteration()
+        iteration()
+    finally:
+        monkeypatch.undo()
+        gc.enable()
     assert opt.state[id(params[0])]["step"] == 3
