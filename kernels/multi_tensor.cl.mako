@@ -18,7 +18,15 @@ A family template inherits this file and defines
   in the tail). The skeleton loads them before and stores p and the state
   after.
 
-Inputs: param_t, state_t, factor_t (OpenCL C scalar types), vector_width,
+Inputs: param_t (the C type parameter and gradient buffers are declared
+with), state_t (the compute type: the locals, the hyperparameter scalars),
+factor_t (OpenCL C scalar types), param_format and state_formats (one per
+state name): how each buffer is stored — "float", "double", "half" or
+"bfloat16" (see netcl.optim._precision); master_weights (state master_param,
+float32, is the parameter; p receives its rounded value), kahan (state
+kahan_comp, in the parameter's format, compensates the write-back),
+stochastic (the write-back of p rounds stochastically with the uint argument
+seed; see netcl_hash below), vector_width,
 n_tensors, state_names, declarations (the kernel's parameter list, built on
 the host by netcl.optim._engine.step_arguments, the one place that defines
 the argument layout), aligned (every tensor's data and gradient start on a
@@ -38,8 +46,8 @@ runs as a plain loop.
 <%
     W = vector_width
 
-    def vec(t):
-        return t if W == 1 else "%s%d" % (t, W)
+    def vec(t, width=W):
+        return t if width == 1 else "%s%d" % (t, width)
 
     # Aligned launches read whole vectors through vector pointers: PoCL turns
     # vloadN/vstoreN on scalar pointers into element-wise accesses and loses
@@ -51,38 +59,158 @@ runs as a plain loop.
             return "((__global %s%d *)%s)[i]" % (t, width, ptr)
         return None
 
-    def load(ptr, src_t, dst_t, width):
-        value = access(ptr, src_t, width) or "vload%d(0, %s + at)" % (width, ptr)
-        if src_t == dst_t:
+    # Storage formats (netcl.optim._precision): "float" and "double" are
+    # loaded as they are (converted when the compute type differs); "half"
+    # through vload_half/vstore_half_rte, core OpenCL that needs no
+    # cl_khr_fp16; "bfloat16" is a ushort holding a float32's upper half.
+    def load(ptr, fmt, dst_t, width):
+        if fmt == "half":
+            return "vload_half(at, %s)" % ptr if width == 1 else \
+                "vload_half%d(0, %s + at)" % (width, ptr)
+        if fmt == "bfloat16":
+            raw = access(ptr, "ushort", width) or "vload%d(0, %s + at)" % (width, ptr)
+            return "netcl_from_bf16_%d(%s)" % (width, raw)
+        value = access(ptr, fmt, width) or "vload%d(0, %s + at)" % (width, ptr)
+        if fmt == dst_t:
             return value
         return "(%s)%s" % (dst_t, value) if width == 1 else "convert_%s%d(%s)" % (dst_t, width, value)
 
-    def store(value, ptr, src_t, dst_t, width):
-        if src_t != dst_t:
-            value = "(%s)%s" % (dst_t, value) if width == 1 else \
-                "convert_%s%d_rte(%s)" % (dst_t, width, value)
-        target = access(ptr, dst_t, width)
+    # Stores round to nearest-even; stochastic=True rounds the low-precision
+    # formats up or down by the element's random bits (`rand`).
+    def store(value, ptr, fmt, src_t, width, stochastic=False):
+        if fmt == "half":
+            if stochastic:
+                value = "netcl_half_sr_%d(%s, rand)" % (width, value)
+            return "vstore_half_rte(%s, at, %s);" % (value, ptr) if width == 1 else \
+                "vstore_half%d_rte(%s, 0, %s + at);" % (width, value, ptr)
+        if fmt == "bfloat16":
+            value = "netcl_to_bf16_%s_%d(%s%s)" % (
+                "sr" if stochastic else "rte", width, value, ", rand" if stochastic else "")
+            fmt = "ushort"
+        elif fmt != src_t:
+            value = "(%s)%s" % (fmt, value) if width == 1 else \
+                "convert_%s%d_rte(%s)" % (fmt, width, value)
+        target = access(ptr, fmt, width)
         if target is None:
             return "vstore%d(%s, 0, %s + at);" % (width, value, ptr)
         return "%s = %s;" % (target, value)
 
+    # Low-precision write-back options (netcl.optim._precision).
+    low_precision = param_format in ("half", "bfloat16")
+    family_names = [n for n in state_names if n not in ("master_param", "kahan_comp")]
+    formats = dict(zip(state_names, state_formats))
+    pointer_types = {"float": "float", "double": "double", "half": "half",
+                     "bfloat16": "ushort"}
+    formats_used = {param_format} | set(state_formats)
+    widths = sorted({1, W})
 %>
 <%def name="element(width)">
-<% T = vec(state_t) if width > 1 else state_t %>\
-        ${T} p = ${load("p_ptr", param_t, state_t, width)};
-        ${T} g = ${load("g_ptr", param_t, state_t, width)};
-% for name in state_names:
-        ${T} ${name} = ${load(name + "_ptr", state_t, state_t, width)};
+<% T = vec(state_t, width) %>\
+% if stochastic:
+        // This element's random bits: a hash of (seed, tensor, step, index).
+        const ${vec("uint", width)} rand = netcl_hash_${width}(netcl_hash_${width}(
+            ((${vec("uint", width)})(start + at)${" + lanes" if width > 1 else ""}) * 0x9E3779B9u + sr_key));
+% endif
+% if master_weights:
+        // The float32 master copy is the parameter; on a tensor's first
+        // update it starts from the low-precision value.
+        ${T} p = first_update ? ${load("p_ptr", param_format, state_t, width)}
+                              : ${load("master_param_ptr", "float", state_t, width)};
+% else:
+        ${T} p = ${load("p_ptr", param_format, state_t, width)};
+% endif
+        ${T} g = ${load("g_ptr", param_format, state_t, width)};
+% for name in family_names:
+        ${T} ${name} = ${load(name + "_ptr", formats[name], state_t, width)};
 % endfor
+% if kahan:
+        const ${T} p_before = p;
+        ${T} kahan_comp = ${load("kahan_comp_ptr", param_format, state_t, width)};
+% endif
 % if guard:
         g = g * unscale;
         g = g * clip_coef;
 % endif
 ${self.update(T)}
-        ${store("p", "p_ptr", state_t, param_t, width)}
-% for name in state_names:
-        ${store(name, name + "_ptr", state_t, state_t, width)}
+% if master_weights:
+        ${store("p", "master_param_ptr", "float", state_t, width)}
+% endif
+% if kahan:
+        // Kahan-compensated write-back: the rounding error of this store is
+        // carried (in the parameter's dtype) into the next update.
+        {
+            const ${T} sum = kahan_comp + (p - p_before);
+            p = p_before + sum;
+            ${store("p", "p_ptr", param_format, state_t, width)}
+            p = ${load("p_ptr", param_format, state_t, width)};
+            kahan_comp = sum - (p - p_before);
+            ${store("kahan_comp", "kahan_comp_ptr", param_format, state_t, width)}
+        }
+% else:
+        ${store("p", "p_ptr", param_format, state_t, width, stochastic)}
+% endif
+% for name in family_names:
+        ${store(name, name + "_ptr", formats[name], state_t, width)}
 % endfor
+</%def>
+<%def name="helpers(width)">
+<%
+    F, U, I, S = (vec(t, width) for t in ("float", "uint", "int", "ushort"))
+%>\
+% if "bfloat16" in formats_used:
+inline ${F} netcl_from_bf16_${width}(const ${S} bits)
+{
+    return as_${F}(convert_${U}(bits) << 16);
+}
+
+// float32 -> bfloat16, to nearest-even; a NaN stays a (quiet) NaN.
+inline ${S} netcl_to_bf16_rte_${width}(const ${F} x)
+{
+    const ${U} b = as_${U}(x);
+    const ${U} rounded = (b + (${U})0x7FFFu + ((b >> 16) & (${U})1u)) >> 16;
+    return convert_${S}(select(rounded, (b >> 16) | (${U})0x40u, x != x));
+}
+% endif
+% if stochastic:
+// murmur3's 32-bit finaliser: a bijection that mixes every input bit.
+inline ${U} netcl_hash_${width}(${U} h)
+{
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+  % if param_format == "bfloat16":
+// float32 -> bfloat16, stochastically: add 16 random bits below the cut and
+// truncate, so x rounds away from zero with probability (its distance from
+// the value below) / (the spacing). NaN stays NaN.
+inline ${S} netcl_to_bf16_sr_${width}(const ${F} x, const ${U} rand)
+{
+    const ${U} b = as_${U}(x);
+    const ${U} rounded = (b + (rand >> 16)) >> 16;
+    return convert_${S}(select(rounded, (b >> 16) | (${U})0x40u, x != x));
+}
+  % elif param_format == "half":
+// x rounded stochastically to a value float16 holds exactly (the store's
+// round-to-nearest-even then changes nothing): ulp is float16's spacing at
+// |x| (2^-24 in its subnormal range); every operation here is exact.
+inline ${F} netcl_half_sr_${width}(const ${F} x, const ${U} rand)
+{
+    const ${I} exponent = convert_${I}((as_${U}(x) >> 23) & (${U})0xFFu) - 127;
+    const ${I} ulp_exponent = max(exponent - 10, (${I})-24);
+    const ${F} ulp = as_${F}(convert_${U}(ulp_exponent + 127) << 23);
+    const ${F} inv_ulp = as_${F}(convert_${U}(127 - ulp_exponent) << 23);
+    const ${F} magnitude = fabs(x);
+    const ${F} below = trunc(magnitude * inv_ulp) * ulp;
+    const ${F} fraction = (magnitude - below) * inv_ulp;
+    const ${F} uniform = convert_${F}(rand >> 8) * 0x1p-24f;
+    // inf and NaN pass through: below is inf or NaN, fraction NaN.
+    return copysign(below + select((${F})0.0f, ulp, uniform < fraction), x);
+}
+  % endif
+% endif
 </%def>
 // Rounding must follow the update rule as written: contraction into fma is
 // only where the template asks for it, as torch's CPU kernels do.
@@ -90,6 +218,9 @@ ${self.update(T)}
 % if "double" in (param_t, state_t, factor_t):
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 % endif
+% for width in widths:
+${helpers(width)}
+% endfor
 
 <%def name="factors()"></%def>
 __kernel void optimizer_step(
@@ -110,10 +241,21 @@ __kernel void optimizer_step(
     // This tensor's update count, this update included.
     const uint t = steps[chunks[row + 3]] + 1;
 ${self.factors()}
+% if master_weights:
+    const bool first_update = t == 1;
+% endif
+% if stochastic:
+    // Per tensor and step; elements then hash their index into it.
+    const uint sr_key = netcl_hash_1(seed ^ netcl_hash_1(
+        chunks[row + 3] * 0x85EBCA6Bu ^ netcl_hash_1(t)));
+  % if W > 1:
+    const ${vec("uint")} lanes = (${vec("uint")})(${", ".join(str(j) for j in range(W))});
+  % endif
+% endif
     __global ${param_t} *p_ptr;
     __global const ${param_t} *g_ptr;
 % for name in state_names:
-    __global ${state_t} *${name}_ptr;
+    __global ${pointer_types[formats[name]]} *${name}_ptr;
 % endfor
     switch (k) {
 % for k in range(n_tensors):

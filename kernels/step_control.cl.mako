@@ -15,7 +15,7 @@ The kernels around a family's update pass, all of one step:
               skipped-step counter instead (flag guard).
 
 Flags: kernel (which one), and per kernel —
-  grad_stats: param_t, factor_t, vector_width, n_tensors, aligned,
+  grad_stats: param_t, param_format, factor_t, vector_width, n_tensors, aligned,
               declarations (from netcl.optim._engine.stats_arguments),
               local_size (work-items per group, a power of two)
   finalize:   factor_t, scaler (a GradScaler's device state is read for the
@@ -32,22 +32,42 @@ Flags: kernel (which one), and per kernel —
 <%page args="kernel, **flags"/>
 ${getattr(self, kernel)(**flags)}
 
-<%def name="grad_stats(param_t, factor_t, vector_width, n_tensors, aligned, declarations, local_size)">
+<%def name="grad_stats(param_t, param_format, factor_t, vector_width, n_tensors, aligned, declarations, local_size)">
 <%
     W = vector_width
+    # float16 and bfloat16 gradients (param_format "half", "bfloat16") are
+    # read into float32 and reduced there; param_t is then their buffer type.
+    load_t = param_t
+    if param_format in ("half", "bfloat16"):
+        load_t = "float"
+
+    def load(index, width):
+        if param_format == "half":
+            return "vload_half(%s, g_ptr)" % index if width == 1 else \
+                "vload_half%d(%s, g_ptr)" % (width, index)
+        if param_format == "bfloat16":
+            if width == 1:
+                return "as_float((uint)g_ptr[%s] << 16)" % index
+            raw = ("((__global const ushort%d *)g_ptr)[%s]" % (width, index)) if aligned \
+                else "vload%d(%s, g_ptr)" % (width, index)
+            return "as_float%d(convert_uint%d(%s) << 16)" % (width, width, raw)
+        return None
     # Squares accumulate in the gradient's own type along a row (at most
     # 16384 of them: a few ulp) and rows in factor_t; reading in float64
     # would halve the vector width. A non-finite element is flagged
     # separately and turns the row's sum into NaN, so a sum that merely
     # overflows float32 stays an infinite norm (as torch's) and not a
     # found-inf.
-    V = param_t if W == 1 else "%s%d" % (param_t, W)
-    if W == 1:
+    V = load_t if W == 1 else "%s%d" % (load_t, W)
+    if load("i", W):
+        body_load = load("i", W)
+    elif W == 1:
         body_load = "g_ptr[i]"
     elif aligned:
         body_load = "((__global const %s%d *)g_ptr)[i]" % (param_t, W)
     else:
         body_load = "vload%d(i, g_ptr)" % W
+    tail_load = load("at", 1) or "g_ptr[at]"
 %>
 % if "double" in (param_t, factor_t):
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
@@ -80,14 +100,14 @@ __kernel void grad_stats(
         check += v - v;
     }
     ${factor_t} sum = 0;
-    ${param_t} row_check = 0;
+    ${load_t} row_check = 0;
 % if W > 1:
 %   for j in range(W):
     sum += (${factor_t})acc.s${"%x" % j};
     row_check += check.s${"%x" % j};
 %   endfor
     for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
-        const ${param_t} v = g_ptr[at];
+        const ${load_t} v = ${tail_load};
         sum += (${factor_t})(v * v);
         row_check += v - v;
     }

@@ -29,6 +29,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from netcl import _kernels
+from netcl.optim import _precision
 
 # Elements per work-group row: 16384 (64 KiB per float32 buffer) is big enough
 # that per-group overhead vanishes and small enough that a 2-core CPU or a GPU
@@ -67,25 +68,35 @@ def _buffer(c_type, const=False):
 
 
 def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, state_dtype,
-                   factor_dtype):
+                   factor_dtype, state_dtypes=None, seed=False):
     """The parameter list of a family's update kernel, in order.
 
     Per tensor slot ``k``: ``p<k>``, ``p<k>_offset``, ``g<k>``, ``g<k>_offset``,
     one buffer per state name (``<name><k>``) and ``s<k>_offset`` (0, or the
-    parameter's offset for flat state); then the chunk table, the
-    step counts and the control buffer; then the hyperparameter scalars in the
-    state type and the factor arguments in the factor type.
+    parameter's offset for flat state); then ``seed`` (stochastic rounding
+    only), the chunk table, the step counts and the control buffer; then the
+    hyperparameter scalars in the state type and the factor arguments in the
+    factor type.
+
+    ``state_dtype`` is the compute type (float32 for float16 and bfloat16
+    parameters); ``state_dtypes`` maps a state name to the dtype its buffer
+    is stored in when that differs (bfloat16 state, a float32 master copy).
     """
-    param_t, state_t, factor_t = (_kernels.c_type(d) for d in
-                                  (param_dtype, state_dtype, factor_dtype))
+    state_dtypes = state_dtypes or {}
+    param_t = _precision.POINTER_TYPES[_precision.storage_format(param_dtype)]
+    state_t, factor_t = (_kernels.c_type(d) for d in (state_dtype, factor_dtype))
+    state_types = {name: _precision.POINTER_TYPES[_precision.storage_format(
+        state_dtypes.get(name, state_dtype))] for name in state_names}
     args = []
     for k in range(slots):
         args += [Arg(f"p{k}", _buffer(param_t)), Arg(f"p{k}_offset", "const uint", np.uint32),
                  Arg(f"g{k}", _buffer(param_t, const=True)),
                  Arg(f"g{k}_offset", "const uint", np.uint32)]
-        args += [Arg(f"{name}{k}", _buffer(state_t)) for name in state_names]
+        args += [Arg(f"{name}{k}", _buffer(state_types[name])) for name in state_names]
         if state_names:  # every state buffer of a tensor starts at this offset
             args.append(Arg(f"s{k}_offset", "const uint", np.uint32))
+    if seed:
+        args.append(Arg("seed", "const uint", np.uint32))
     args += [Arg("chunks", _buffer("uint", const=True)),
              Arg("steps", _buffer("uint", const=True)),
              Arg("control", _buffer("float", const=True))]
@@ -98,7 +109,8 @@ def stats_arguments(slots, param_dtype, factor_dtype):
     """The parameter list of the gradient-statistics kernel (the reduction
     pass): per slot the gradient and its offset, then the chunk table, the
     per-row partial results (in the factor type) and this launch's first row."""
-    param_t, factor_t = _kernels.c_type(param_dtype), _kernels.c_type(factor_dtype)
+    param_t = _precision.POINTER_TYPES[_precision.storage_format(param_dtype)]
+    factor_t = _kernels.c_type(factor_dtype)
     args = []
     for k in range(slots):
         args += [Arg(f"g{k}", _buffer(param_t, const=True)),
@@ -296,6 +308,8 @@ class Program:
         bound.set("chunks", launch.table)
         bound.set("steps", opt._steps.base_data)
         bound.set("control", opt._control.base_data)
+        if "seed" in bound.positions:
+            bound.set("seed", np.uint32(opt.seed))
         self.updates.append(bound)
 
     def add_stats(self, launch, kernel_and_args, params):

@@ -52,6 +52,9 @@ class Adam(Optimizer):
         decoupled_weight_decay: decay the parameter directly (AdamW) instead of
             adding :math:`\lambda p` to the gradient (default False).
         skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
+        master_weights, stochastic_rounding, kahan, state_dtype, seed: float16
+            and bfloat16 parameters and compressed state; see
+            :class:`netcl.optim.Optimizer` and wiki/Mixed-precision.md.
     """
 
     template = "adam.cl.mako"
@@ -61,12 +64,12 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 skip_nonfinite=False, max_grad_norm=None):
+                 skip_nonfinite=False, max_grad_norm=None, **precision):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, **precision)
 
     def _validate_group(self, group):
         check_non_negative("learning rate", group["lr"])
@@ -110,10 +113,10 @@ class AdamW(Adam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None):
+                 amsgrad=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None, **precision):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, **precision)
 
     def load_state_dict(self, state_dict):
         # As torch's AdamW, a loaded state never turns decoupled decay off.

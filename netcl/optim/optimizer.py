@@ -18,7 +18,7 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine
+from netcl.optim import _engine, _precision
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
@@ -68,12 +68,18 @@ def fill(queue, array, value):
     """
     if not array.nbytes:
         return
+    # As bytes: pyopencl does not take bfloat16 host arrays as buffers.
     if is_simulator(queue.device):
-        host = np.full(array.size, value, array.dtype)
+        host = np.full(array.size, value, array.dtype).view(np.uint8)
         cl.enqueue_copy(queue, array.base_data, host, dst_offset=array.offset)
         return
-    pattern = np.asarray(value, array.dtype)
+    pattern = np.asarray([value], array.dtype).view(np.uint8)
     cl.enqueue_fill_buffer(queue, array.base_data, pattern, array.offset, array.nbytes)
+
+
+#: Keyword arguments every optimizer takes besides its hyperparameters.
+ENGINE_OPTIONS = ("skip_nonfinite", "max_grad_norm", "master_weights", "stochastic_rounding",
+                  "kahan", "state_dtype", "seed")
 
 
 def check_flag(name, value):
@@ -210,6 +216,21 @@ class Optimizer:
     Either adds one reduction pass that reads the gradients; step counts live
     on the device and ``state[...]['step']`` reads them (a sync).
 
+    Parameters may be float32, float64, ``numpy.float16`` or
+    ``ml_dtypes.bfloat16`` (gradients in the parameter's dtype). A float16 or
+    bfloat16 parameter is updated in float32 (state float32 by default, the
+    hyperparameters float32) and written back rounded to nearest-even, or as
+    the options choose (no effect on float32/float64 parameters; see
+    :mod:`netcl.optim._precision` and wiki/Mixed-precision.md):
+    ``master_weights=True`` (a float32 ``state['master_param']``),
+    ``stochastic_rounding=True`` (unbiased, reproducible from ``seed``, an
+    integer in [0, 2**32)) or ``kahan=True`` (a compensation buffer
+    ``state['kahan_comp']`` in the parameter's dtype) — one of them at
+    most. ``state_dtype`` (``"float32"``, ``"bfloat16"``, or ``"int8"`` where
+    the family supports it) chooses how the family's state buffers are stored
+    for float32, float16 and bfloat16 parameters (float64 parameters keep
+    float64 state).
+
     Subclasses define ``template``, ``scalar_names``, ``factor_names`` and
     the hooks ``_validate_group``, ``_state_names``, ``_initial_state``,
     ``_kernel_flags`` and ``_scalar_args``.
@@ -228,7 +249,9 @@ class Optimizer:
     #: whose group then needs no state buffers gets no state entry at all.
     step_in_state = True
 
-    def __init__(self, params, defaults, *, skip_nonfinite=False, max_grad_norm=None):
+    def __init__(self, params, defaults, *, skip_nonfinite=False, max_grad_norm=None,
+                 master_weights=False, stochastic_rounding=False, kahan=False,
+                 state_dtype="float32", seed=0):
         self.defaults = dict(defaults)
         self._validate_group(self.defaults)
         check_flag("skip_nonfinite", skip_nonfinite)
@@ -236,6 +259,7 @@ class Optimizer:
             check_non_negative("max_grad_norm", max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._init_precision(master_weights, stochastic_rounding, kahan, state_dtype, seed)
         self._state = _State(self)
         self._state_entries = self._state._entries
         self._state_version = 0
@@ -268,6 +292,28 @@ class Optimizer:
         groups = params if isinstance(params[0], Mapping) else [{"params": params}]
         for group in groups:
             self.add_param_group(group)
+
+    def _init_precision(self, master_weights, stochastic_rounding, kahan, state_dtype, seed):
+        """The low-precision options (see :mod:`netcl.optim._precision`)."""
+        for name, value in (("master_weights", master_weights),
+                            ("stochastic_rounding", stochastic_rounding), ("kahan", kahan)):
+            check_flag(name, value)
+        chosen = [name for name, value in (("master_weights", master_weights),
+                                           ("stochastic_rounding", stochastic_rounding),
+                                           ("kahan", kahan)) if value]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} are alternatives ways to write back a "
+                             "low-precision parameter: choose one")
+        _precision.check_state_dtype(state_dtype)
+        if state_dtype == "int8" and not self.quantizable:
+            raise ValueError(f"state_dtype='int8' quantises Adam's and RMSProp's moments; "
+                             f"{type(self).__name__} supports 'float32' and 'bfloat16'")
+        _precision.check_seed(seed)
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.kahan = bool(kahan)
+        self.state_dtype = state_dtype
+        self.seed = int(seed)
 
     # ----------------------------------------------------------- param groups
     def add_param_group(self, param_group):
@@ -377,9 +423,9 @@ class Optimizer:
         if not isinstance(data, cla.Array):
             raise TypeError(f".data must be a pyopencl.array.Array, "
                             f"got {type(data).__name__}")
-        if data.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype {data.dtype} is not supported "
-                            "(netcl optimizers update float32 and float64 parameters)")
+        if data.dtype not in _precision.PARAM_DTYPES:
+            raise TypeError(f"dtype {data.dtype} is not supported (netcl optimizers update "
+                            "float32, float64, float16 and bfloat16 parameters)")
         if not data.flags.c_contiguous:
             raise ValueError(".data must be C-contiguous")
         if context is not None and data.context != context:
@@ -400,6 +446,31 @@ class Optimizer:
     def _initial_state(self, group, name):
         """The value a state buffer starts from."""
         return 0.0
+
+    #: Whether ``state_dtype="int8"`` can quantise this family's state.
+    quantizable = False
+
+    def _buffer_names(self, group, dtype):
+        """The state buffers of a parameter of ``dtype`` in ``group``, in kernel
+        order: the family's, then the low-precision write-back's."""
+        names = list(self._state_names(group))
+        if _precision.is_low_precision(dtype):
+            if self.master_weights:
+                names.append(_precision.MASTER)
+            elif self.kahan:
+                names.append(_precision.KAHAN)
+        return names
+
+    def _buffer_dtype(self, dtype, name):
+        """The dtype a state buffer of a parameter of ``dtype`` is stored in."""
+        dtype = np.dtype(dtype)
+        if name == _precision.MASTER:
+            return _precision.FLOAT32
+        if name == _precision.KAHAN:
+            return dtype
+        if dtype == _precision.FLOAT64 or self.state_dtype == "float32":
+            return _precision.compute_dtype(dtype)
+        return _precision.BFLOAT16
 
     def _kernel_flags(self, group):
         """Structural template flags (booleans); they key the kernel cache."""
@@ -466,10 +537,12 @@ class Optimizer:
             if not isinstance(buffer, cla.Array):
                 raise TypeError(f"state {name!r} must be a pyopencl.array.Array, "
                                 f"got {type(buffer).__name__}")
-            if buffer.shape != p.data.shape or buffer.dtype != p.data.dtype:
+            expected = self._buffer_dtype(p.data.dtype, name)
+            if buffer.shape != p.data.shape or buffer.dtype != expected:
                 raise ValueError(
                     f"state {name!r} has shape {buffer.shape} and dtype {buffer.dtype}, but "
-                    f"the parameter now has shape {p.data.shape} and dtype {p.data.dtype}; "
+                    f"the parameter now has shape {p.data.shape} and dtype {p.data.dtype} "
+                    f"(state dtype {expected}); "
                     "an optimizer's state belongs to the array it was created for — "
                     "create a new optimizer (or load a matching state) after replacing .data")
             if buffer.offset != buffers[needed[0]].offset \
@@ -542,13 +615,17 @@ class Optimizer:
         param_index, entries = self._param_index, self._state_entries
         seen_data, seen_grads = self._checked_data, self._checked_grads
         for g, (group, (flags, _)) in enumerate(zip(self.param_groups, groups)):
-            needed = self._state_names(group)
+            needed_by_dtype = {}
             by_dtype = {}
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
                 key = id(p)
+                needed = needed_by_dtype.get(p.data.dtype)
+                if needed is None:
+                    needed = needed_by_dtype[p.data.dtype] = self._buffer_names(
+                        group, p.data.dtype)
                 try:
                     # An Array's dtype, shape and context never change, so an
                     # array that passed once needs no second look.
@@ -571,12 +648,14 @@ class Optimizer:
                 members.append((param_index[key], p))
             flag_key = tuple(sorted(flags.items()))
             for dtype, members in by_dtype.items():
+                needed = needed_by_dtype[dtype]
                 fresh = [p for _, p in members if id(p) not in entries]
                 if fresh and (needed or self.step_in_state):
-                    new_state.update(self._new_state(group, fresh, len(fresh) == len(members)))
+                    new_state.update(self._new_state(group, fresh, len(fresh) == len(members),
+                                                     needed))
                 flat = self._flat(members, needed, new_state)
                 batches.append((g, group, flags, needed, dtype, members, flat))
-                width, itemsize = self._layout().vector_width(dtype), dtype.itemsize
+                width, itemsize = self._vector_width(dtype), dtype.itemsize
                 signature.append((g, dtype, flag_key, flat, tuple(
                     (index, p.data.size, (p.data.offset // itemsize) % width == 0
                      and (p.grad.offset // itemsize) % width == 0) for index, p in members)))
@@ -604,12 +683,17 @@ class Optimizer:
         self._program = program
         return program
 
+    def _vector_width(self, dtype):
+        """Elements per vector for parameters of ``dtype``: as many as the
+        compute type fills (float16 and bfloat16 compute in float32)."""
+        return self._layout().vector_width(_precision.compute_dtype(dtype))
+
     def _aligned(self, p, dtype):
-        width = self._layout().vector_width(dtype)
+        width = self._vector_width(dtype)
         return (p.data.offset // dtype.itemsize) % width == 0 \
             and (p.grad.offset // dtype.itemsize) % width == 0
 
-    def _new_state(self, group, params, whole_batch):
+    def _new_state(self, group, params, whole_batch, names):
         """New state buffers for ``params``, by ``id(param)``.
 
         When a whole batch of flat parameters (views of one buffer, see
@@ -617,7 +701,6 @@ class Optimizer:
         likewise a view of one buffer at its parameter's offset, so the
         step stays a single launch.
         """
-        names = self._state_names(group)
         bases = {(id(p.data.base_data), id(p.grad.base_data)) for p in params}
         flat = whole_batch and len(params) > 1 and len(bases) == 1 and names and all(
             p.grad.offset == p.data.offset for p in params)
@@ -625,8 +708,8 @@ class Optimizer:
         if flat:
             base = params[0].data.base_data
             dtype = params[0].data.dtype
-            whole = {name: cla.empty(self._queue, base.size // dtype.itemsize, dtype)
-                     for name in names}
+            whole = {name: cla.empty(self._queue, base.size // dtype.itemsize,
+                                     self._buffer_dtype(dtype, name)) for name in names}
             for name, buffer in whole.items():
                 fill(self._queue, buffer, self._initial_state(group, name))
             for p in params:
@@ -637,7 +720,8 @@ class Optimizer:
         for p in params:
             buffers = {}
             for name in names:
-                buffer = cla.empty(self._queue, p.data.shape, p.data.dtype)
+                buffer = cla.empty(self._queue, p.data.shape,
+                                   self._buffer_dtype(p.data.dtype, name))
                 fill(self._queue, buffer, self._initial_state(group, name))
                 buffers[name] = buffer
             out[id(p)] = buffers
@@ -699,9 +783,8 @@ class Optimizer:
                 device = self._context.devices[0]
 
                 def size(slots):
-                    return _engine.argument_bytes(device, _engine.step_arguments(
-                        slots, state_names, self.scalar_names, self.factor_names, dtype,
-                        dtype, self._factor_dtype()))
+                    return _engine.argument_bytes(
+                        device, self._step_arguments(slots, dtype, state_names))
 
                 fixed = size(0)
                 per_tensor = size(1) - fixed
@@ -745,15 +828,32 @@ class Optimizer:
     def _active_indices(batches):
         return [index for batch in batches for index, _ in batch[5]]
 
+    def _step_arguments(self, slots, dtype, state_names):
+        """The update kernel's arguments for ``slots`` tensors of ``dtype``
+        (computed in float32 for float16 and bfloat16)."""
+        return _engine.step_arguments(
+            slots, state_names, self.scalar_names, self.factor_names, dtype,
+            _precision.compute_dtype(dtype), self._factor_dtype(),
+            {name: self._buffer_dtype(dtype, name) for name in state_names},
+            seed=self._stochastic(dtype))
+
+    def _stochastic(self, dtype):
+        return self.stochastic_rounding and _precision.is_low_precision(dtype)
+
     def _update_kernel(self, dtype, factor_dtype, launch, layout, state_names, flags, guard):
-        arguments = _engine.step_arguments(
-            launch.slots, state_names, self.scalar_names, self.factor_names, dtype, dtype,
-            factor_dtype)
-        c_type = _kernels.c_type(dtype)
+        arguments = self._step_arguments(launch.slots, dtype, state_names)
+        param_format = _precision.storage_format(dtype)
+        low_precision = _precision.is_low_precision(dtype)
         program = _kernels.get_program(
             self._context, self.template, "optimizer_step",
-            param_t=c_type, state_t=c_type, factor_t=_kernels.c_type(factor_dtype),
-            n_tensors=launch.slots, vector_width=layout.vector_width(dtype),
+            param_t=_precision.POINTER_TYPES[param_format], param_format=param_format,
+            state_t=_kernels.c_type(_precision.compute_dtype(dtype)),
+            state_formats=tuple(_precision.storage_format(self._buffer_dtype(dtype, name))
+                                for name in state_names),
+            master_weights=low_precision and self.master_weights,
+            kahan=low_precision and self.kahan, stochastic=self._stochastic(dtype),
+            factor_t=_kernels.c_type(factor_dtype),
+            n_tensors=launch.slots, vector_width=self._vector_width(dtype),
             aligned=launch.aligned, state_names=tuple(state_names), guard=guard,
             declarations=tuple(a.declaration for a in arguments), **flags)
         return _kernels.new_kernel(program, "optimizer_step", [a.dtype for a in arguments]), \
@@ -761,10 +861,12 @@ class Optimizer:
 
     def _stats_kernel(self, dtype, factor_dtype, launch, layout):
         arguments = _engine.stats_arguments(launch.slots, dtype, factor_dtype)
+        param_format = _precision.storage_format(dtype)
         program = _kernels.get_program(
             self._context, "step_control.cl.mako", "grad_stats", kernel="grad_stats",
-            param_t=_kernels.c_type(dtype), factor_t=_kernels.c_type(factor_dtype),
-            vector_width=layout.vector_width(dtype), n_tensors=launch.slots,
+            param_t=_precision.POINTER_TYPES[param_format], param_format=param_format,
+            factor_t=_kernels.c_type(factor_dtype),
+            vector_width=self._vector_width(dtype), n_tensors=launch.slots,
             aligned=launch.aligned, declarations=tuple(a.declaration for a in arguments),
             local_size=layout.local_size)
         return _kernels.new_kernel(program, "grad_stats", [a.dtype for a in arguments]), \
@@ -916,10 +1018,11 @@ class Optimizer:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: state must be a dict, got {type(entry).__name__}")
         entry = {name: value for name, value in entry.items() if value is not None}
+        names = self._buffer_names(group, p.data.dtype)
         if not set(entry) - {"step"}:
-            if not self._state_names(group) or "step" not in entry:
+            if not names or "step" not in entry:
                 return None  # no buffers (and for SGD no step): nothing to restore
-        expected = set(self._state_names(group))
+        expected = set(names)
         found = set(entry) - {"step"}
         if found != expected:
             raise ValueError(f"{where}: state has buffers {sorted(found)}, "
@@ -927,7 +1030,7 @@ class Optimizer:
         checked = {}
         if self.step_in_state:
             checked["step"] = self._checked_step(entry.get("step", 0), where)
-        for name in self._state_names(group):  # in kernel order, as a fresh state
+        for name in names:  # in kernel order, as a fresh state
             value = entry[name]
             if not isinstance(value, np.ndarray):
                 try:
@@ -941,9 +1044,11 @@ class Optimizer:
             if value.shape != p.data.shape:
                 raise ValueError(f"{where}: state {name!r} has shape {value.shape}, "
                                  f"expected {p.data.shape}")
-            if value.dtype != p.data.dtype:
-                raise TypeError(f"{where}: state {name!r} has dtype {value.dtype}, "
-                                f"expected {p.data.dtype}")
+            expected_dtype = self._buffer_dtype(p.data.dtype, name)
+            if value.dtype != expected_dtype:
+                raise TypeError(f"{where}: state {name!r} has dtype {value.dtype}, expected "
+                                f"{expected_dtype} (this optimizer's state_dtype is "
+                                f"{self.state_dtype!r})")
             checked[name] = np.ascontiguousarray(value)
         return checked
 

@@ -42,6 +42,9 @@ class SGD(Optimizer):
             (default False).
         maximize: maximise the objective instead of minimising it (default False).
         skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
+        master_weights, stochastic_rounding, kahan, state_dtype, seed: float16
+            and bfloat16 parameters and compressed state; see
+            :class:`netcl.optim.Optimizer` and wiki/Mixed-precision.md.
     """
 
     template = "sgd.cl.mako"
@@ -49,11 +52,11 @@ class SGD(Optimizer):
     step_in_state = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None):
+                 nesterov=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None, **precision):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, **precision)
 
     def _validate_group(self, group):
         check_non_negative("learning rate", group["lr"])
