@@ -411,7 +411,7 @@ DATA16 = bytes(range(16))
      "unknown dtype"),
     ({"dtype": None, "shape": [4], "data_offsets": [0, 16]}, DATA16,
      "unknown dtype"),
-    ({"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}, DATA16,
+    ({"dtype": "F8_E4M3", "shape": [16], "data_offsets": [0, 16]}, DATA16,
      "no numpy equivalent"),
     ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, DATA16, "shape"),
     ({"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}, DATA16, "shape"),

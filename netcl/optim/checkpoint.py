@@ -35,6 +35,15 @@ has no tensors.
     parameter's update count; ``null`` when it has no state or its optimizer
     keeps no count, as SGD) and ``"state"`` (the names of its buffers, or
     ``null`` when it has no state).
+``state_dtype``
+    the optimizer's ``state_dtype`` (``"float32"``, ``"bfloat16"`` or
+    ``"int8"``; only written when not ``"float32"``, which its absence
+    means). :func:`load` refuses a file whose state dtype differs
+    from the optimizer's, naming both. A parameter's ``"dtype"`` may be
+    ``"float16"`` or ``"bfloat16"`` too, and its buffers may be stored in
+    another dtype than the parameter (``master_param`` float32, bfloat16
+    state): each tensor keeps its own dtype, so a checkpoint restores every
+    bit.
 ``netcl.checksums``
     the CRC-32 of every tensor and of the rest of the header, written and
     verified by :mod:`netcl.optim.checkpoint_file` (see there). A flipped bit
@@ -84,7 +93,7 @@ def _migrate_1_to_2(tensors, metadata):
 #: is updated by the caller). Schema 1 is the first.
 _MIGRATIONS = {1: _migrate_1_to_2}
 
-_DTYPES = ("float32", "float64")
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _PARAM_KEYS = frozenset({"shape", "dtype", "step", "state"})
 
 
@@ -137,6 +146,8 @@ def encode(optimizer):
         "param_groups": _json(groups),
         "params": _json(described),
     }
+    if optimizer.state_dtype != "float32":  # float32 files stay as they were
+        metadata["state_dtype"] = optimizer.state_dtype
     return tensors, metadata
 
 
@@ -174,6 +185,11 @@ def load(optimizer, path):
     if info["optimizer"] != class_name:
         raise ValueError(f"{path}: checkpoint was written by {info['optimizer']}, "
                          f"this optimizer is {class_name}")
+    if info["state_dtype"] != optimizer.state_dtype:
+        raise ValueError(f"{path}: checkpoint holds state_dtype={info['state_dtype']!r} "
+                         f"state, this optimizer was built with "
+                         f"state_dtype={optimizer.state_dtype!r}; build it with "
+                         f"state_dtype={info['state_dtype']!r} to load this file")
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(f"{path}: checkpoint has {len(saved_groups)} parameter groups, "
@@ -300,7 +316,12 @@ def read(path):
             value = tensors.get(key)
             if value is None:
                 raise bad(f"tensor {key!r} is missing")
-            if value.shape != shape or value.dtype != dtype:
+            # State may be stored in another dtype than its parameter (a
+            # float32 master copy, bfloat16 state): load_state_dict checks
+            # the dtype the optimizer expects.
+            allowed = {dtype.name} if dtype.name == "float64" else {
+                dtype.name, "float32", "bfloat16"}
+            if value.shape != shape or value.dtype.name not in allowed:
                 raise bad(f"tensor {key!r} is {value.dtype}{list(value.shape)}, but parameter "
                           f"{index} is {dtype}{list(shape)}")
             loaded[name] = value
@@ -309,8 +330,12 @@ def read(path):
     if unexpected:
         raise bad(f"tensor {unexpected[0]!r} belongs to no parameter's state")
 
+    state_dtype = metadata.get("state_dtype", "float32")  # absent before low precision
+    if state_dtype not in ("float32", "bfloat16", "int8"):
+        raise bad(f"unknown state_dtype {state_dtype!r}")
     info = {"optimizer": metadata["optimizer"], "schema_version": file_version,
-            "netcl_version": metadata.get("netcl_version"), "params": params}
+            "netcl_version": metadata.get("netcl_version"), "params": params,
+            "state_dtype": state_dtype}
     return {"state": state, "param_groups": param_groups}, info
 
 

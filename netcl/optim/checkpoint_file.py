@@ -21,9 +21,11 @@ File format (https://github.com/huggingface/safetensors)
 
 Supported dtypes: ``BOOL U8 I8 U16 I16 U32 I32 U64 I64 F16 F32 F64 C64``
 (numpy ``bool uint8 int8 uint16 int16 uint32 int32 uint64 int64 float16
-float32 float64 complex64``).  ``BF16`` and the ``F8_*`` types are valid
-safetensors dtypes but have no numpy equivalent; reading a file containing
-them raises :class:`CheckpointError`.
+float32 float64 complex64``) and, where the optional ``ml_dtypes`` package is
+installed, ``BF16`` (``ml_dtypes.bfloat16``).  The ``F8_*`` types (and
+``BF16`` without ``ml_dtypes``) are valid safetensors dtypes but have no
+numpy equivalent; reading a file containing them raises
+:class:`CheckpointError`.
 
 Files written here are readable by the reference ``safetensors`` library and
 files written by it are readable here.
@@ -116,13 +118,25 @@ _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "C64": np.dtype("<c8"),
 }
+try:  # optional: ml_dtypes gives numpy a bfloat16 dtype
+    import ml_dtypes
+    _DTYPES["BF16"] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    pass
 # Known to safetensors but not representable in numpy: reported as such
 # instead of as "unknown", so the user knows the file itself is fine.
 _UNREPRESENTABLE_DTYPES = frozenset(
-    {"BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+    {"BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"} - set(_DTYPES)
 )
-# Keyed by (kind, itemsize) so that big-endian inputs map to the same name.
-_NAME_OF = {(dt.kind, dt.itemsize): name for name, dt in _DTYPES.items()}
+# Keyed by (kind, itemsize) so that big-endian inputs map to the same name;
+# bfloat16 (kind "V", like any opaque 2-byte type) by the dtype itself.
+_NAME_OF = {(dt.kind, dt.itemsize): name for name, dt in _DTYPES.items() if dt.kind != "V"}
+
+
+def _name_of(dt):
+    if dt.kind == "V":
+        return "BF16" if dt == _DTYPES.get("BF16") else None
+    return _NAME_OF.get((dt.kind, dt.itemsize))
 
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
@@ -230,8 +244,7 @@ def _check_tensors(tensors):
                 f"tensor {name!r}: expected a numpy array, "
                 f"got {type(value).__name__}")
         dt = value.dtype
-        dtype_name = None if dt.fields is not None else _NAME_OF.get(
-            (dt.kind, dt.itemsize))
+        dtype_name = None if dt.fields is not None else _name_of(dt)
         if dtype_name is None:
             raise TypeError(
                 f"tensor {name!r}: dtype {dt} is not supported "
@@ -684,7 +697,7 @@ def _check_checksums(metadata, layout, path, require):
         crcs[name] = _parse_crc(per_tensor[name], f"tensor {_short(name)}", where, path)
     stored = _parse_crc(checksums["header"], "the header", where, path)
     computed = _header_crc(metadata, [
-        (name, _NAME_OF[dtype.kind, dtype.itemsize], shape, begin, end)
+        (name, _name_of(dtype), shape, begin, end)
         for name, dtype, shape, begin, end in layout])
     if computed != stored:
         raise _error(path, f"header checksum mismatch (CRC-32 {_hex(computed)}, the "
