@@ -255,6 +255,7 @@ class Optimizer:
         self._steps_host = None  # its last host copy, until the next step
         self._control = None    # device: found_inf, unscale, clip coef, norm
         self._skipped = None    # device: skipped-step count
+        self._shard = None      # ids of the parameters this process updates (None: all)
 
         if isinstance(params, Set):
             self.add_param_group({"params": params})  # raises torch's message for sets
@@ -483,6 +484,33 @@ class Optimizer:
         """Steps skipped for a non-finite gradient (read from the device: a sync)."""
         return int(self._skipped.get(queue=self._queue)[0])
 
+    def _set_shard(self, owned):
+        """Update (and keep state for) only the parameters in ``owned``.
+
+        For sharded optimizer state (:mod:`netcl.distributed`'s ZeRO): the
+        other parameters' gradients are still read by the step's reduction
+        pass when the step is guarded (``skip_nonfinite``, ``max_grad_norm``
+        or a GradScaler), so the skip decision and the clipping norm cover
+        every gradient — identical on every process once the gradients are
+        all-reduced — but those parameters get no state, no update and no
+        step count. ``None`` updates every parameter again. Existing state of
+        parameters outside the shard is dropped.
+        """
+        if owned is None:
+            shard = None
+        else:
+            shard = {id(p) for p in owned}
+            unknown = shard - set(self._param_index)
+            if unknown:
+                raise ValueError(f"{len(unknown)} parameter(s) of the shard are not in "
+                                 "this optimizer's param_groups")
+        self._shard = shard
+        if shard is not None:
+            for key in [key for key in self._state_entries if key not in shard]:
+                del self._state_entries[key]
+        self._state_version += 1
+        self._program = None
+
     def step(self, closure=None):
         """Perform one optimization step over every parameter with a gradient.
 
@@ -541,6 +569,7 @@ class Optimizer:
         state_checked = self._state_version != self._checked_state_version
         param_index, entries = self._param_index, self._state_entries
         seen_data, seen_grads = self._checked_data, self._checked_grads
+        shard, guarded = self._shard, self._guarded(scaler_key)
         for g, (group, (flags, _)) in enumerate(zip(self.param_groups, groups)):
             needed = self._state_names(group)
             by_dtype = {}
@@ -565,19 +594,24 @@ class Optimizer:
                     names = group.get("param_names")
                     raise type(exc)(f"{_describe(param_index[key], names[i] if names else None)}"
                                     f": {exc}") from None
-                members = by_dtype.get(p.data.dtype)
+                # Outside this process's shard: only read by the guard's pass.
+                update = shard is None or key in shard
+                if not update and not guarded:
+                    continue
+                members = by_dtype.get((update, p.data.dtype))
                 if members is None:
-                    members = by_dtype[p.data.dtype] = []
+                    members = by_dtype[(update, p.data.dtype)] = []
                 members.append((param_index[key], p))
             flag_key = tuple(sorted(flags.items()))
-            for dtype, members in by_dtype.items():
+            for (update, dtype), members in by_dtype.items():
+                names = needed if update else ()
                 fresh = [p for _, p in members if id(p) not in entries]
-                if fresh and (needed or self.step_in_state):
+                if update and fresh and (needed or self.step_in_state):
                     new_state.update(self._new_state(group, fresh, len(fresh) == len(members)))
-                flat = self._flat(members, needed, new_state)
-                batches.append((g, group, flags, needed, dtype, members, flat))
+                flat = self._flat(members, names, new_state)
+                batches.append((g, group, flags, names, dtype, members, flat, update))
                 width, itemsize = self._layout().vector_width(dtype), dtype.itemsize
-                signature.append((g, dtype, flag_key, flat, tuple(
+                signature.append((g, update, dtype, flag_key, flat, tuple(
                     (index, p.data.size, (p.data.offset // itemsize) % width == 0
                      and (p.grad.offset // itemsize) % width == 0) for index, p in members)))
         signature = (tuple(signature), scaler_key)
@@ -717,7 +751,7 @@ class Optimizer:
         factor_dtype = self._factor_dtype()
         guard = self._guarded(scaler_key)
         program = _engine.Program(self, signature, scaler_key, guard)
-        for g, group, flags, state_names, dtype, members, flat in batches:
+        for g, group, flags, state_names, dtype, members, flat, update in batches:
             params = [p for _, p in members]
             lengths = [p.data.size for p in params]
             indices = [index for index, _ in members]
@@ -729,9 +763,10 @@ class Optimizer:
                 slot_params = [_engine.FlatView(params[launch.indices[0]], new_state,
                                                 self._state_entries)] if flat else \
                     [params[i] for i in launch.indices]
-                update = self._update_kernel(dtype, factor_dtype, launch, layout, state_names,
-                                             flags, guard)
-                program.add_update(g, launch, update, slot_params, state_names, new_state)
+                if update:
+                    kernel = self._update_kernel(dtype, factor_dtype, launch, layout,
+                                                 state_names, flags, guard)
+                    program.add_update(g, launch, kernel, slot_params, state_names, new_state)
                 if guard:
                     stats = self._stats_kernel(dtype, factor_dtype, launch, layout)
                     program.add_stats(launch, stats, slot_params)
@@ -743,7 +778,7 @@ class Optimizer:
 
     @staticmethod
     def _active_indices(batches):
-        return [index for batch in batches for index, _ in batch[5]]
+        return [index for batch in batches if batch[7] for index, _ in batch[5]]
 
     def _update_kernel(self, dtype, factor_dtype, launch, layout, state_names, flags, guard):
         arguments = _engine.step_arguments(
