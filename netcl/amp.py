@@ -35,7 +35,7 @@ import pyopencl.array as cla
 from netcl import _kernels
 from netcl.device import default_queue
 from netcl.nn import utils as _utils
-from netcl.optim import _engine
+from netcl.optim import _engine, hooks as step_hooks
 
 __all__ = ["GradScaler", "OptState"]
 
@@ -325,7 +325,8 @@ class GradScaler:
             raise AssertionError("No inf checks were recorded for this optimizer.")
         self._check_context(optimizer._control.context, "the optimizer")
         _order(self._queue, optimizer._queue)
-        optimizer._run_step(self)
+        # As torch's scaler calls optimizer.step, the optimizer's step hooks run.
+        step_hooks.run_step(optimizer, lambda: optimizer._run_step(self), (), {})
         _order(optimizer._queue, self._queue)
         self._set_stage(optimizer, OptState.STEPPED, recorded=True)
         return None

@@ -18,7 +18,7 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine
+from netcl.optim import _engine, hooks as _hooks
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
@@ -256,6 +256,9 @@ class Optimizer:
         self._control = None    # device: found_inf, unscale, clip coef, norm
         self._skipped = None    # device: skipped-step count
         self._shard = None      # ids of the parameters this process updates (None: all)
+        self._step_pre_hooks, self._step_post_hooks = {}, {}
+        self._state_dict_pre_hooks, self._state_dict_post_hooks = {}, {}
+        self._load_state_dict_pre_hooks, self._load_state_dict_post_hooks = {}, {}
 
         if isinstance(params, Set):
             self.add_param_group({"params": params})  # raises torch's message for sets
@@ -522,11 +525,43 @@ class Optimizer:
         ``max_grad_norm`` a reduction pass over the gradients comes first and
         the device itself decides whether to skip and how much to clip.
         """
+        return _hooks.run_step(self, self._step, (closure,), {})
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             loss = closure()
         self._run_step(None)
         return loss
+
+    # ------------------------------------------------------------------ hooks
+    def register_step_pre_hook(self, hook):
+        """``hook(optimizer, args, kwargs)`` before each step; it may return
+        new ``(args, kwargs)``. Returns a handle whose ``remove()`` drops it."""
+        return _hooks.register(self._step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook):
+        """``hook(optimizer, args, kwargs)`` after each step (once its kernels
+        are enqueued). Returns a removable handle."""
+        return _hooks.register(self._step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend=False):
+        """``hook(optimizer)`` before :meth:`state_dict` builds the dict."""
+        return _hooks.register(self._state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend=False):
+        """``hook(optimizer, state_dict)`` after :meth:`state_dict`; a returned
+        dict replaces it."""
+        return _hooks.register(self._state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend=False):
+        """``hook(optimizer, state_dict)`` before :meth:`load_state_dict`
+        (on a shallow copy); a returned dict is loaded instead."""
+        return _hooks.register(self._load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend=False):
+        """``hook(optimizer)`` after :meth:`load_state_dict` succeeded."""
+        return _hooks.register(self._load_state_dict_post_hooks, hook, prepend)
 
     def _run_step(self, scaler):
         """Prepare (or reuse) the bound program for this step and enqueue it.
@@ -838,6 +873,16 @@ class Optimizer:
         if format == "torch":
             from netcl.optim import checkpoint
             return checkpoint.torch_state_dict(self, self.state_dict())
+        for hook in list(self._state_dict_pre_hooks.values()):
+            hook(self)
+        state_dict = self._state_dict()
+        for hook in list(self._state_dict_post_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _state_dict(self):
         packed_state = {}
         groups = []
         index = 0
@@ -871,6 +916,17 @@ class Optimizer:
         (``foreach``, ``capturable``, ...) are ignored, and a state entry whose
         buffers are all ``None`` (torch's SGD without momentum) means no state.
         """
+        if self._load_state_dict_pre_hooks and isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # hooks may edit it; the caller's stays
+            for hook in list(self._load_state_dict_pre_hooks.values()):
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in list(self._load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _load_state_dict(self, state_dict):
         if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
                 or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
