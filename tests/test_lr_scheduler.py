@@ -11,7 +11,6 @@ torch's.
 
 import copy
 import inspect
-import math
 import warnings
 
 import numpy as np
