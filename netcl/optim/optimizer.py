@@ -999,7 +999,11 @@ class Optimizer:
                 raise ValueError(f"parameter group {g}: parameter names {list(saved_names)} "
                                  f"do not match {group['param_names']}")
             merged = dict(group)
-            merged.update({k: v for k, v in saved.items() if k in self.defaults})
+            # Every saved group key but torch's own options (foreach, fused,
+            # ...): hyperparameters, and keys schedulers add (initial_lr, ...).
+            merged.update({k: v for k, v in saved.items()
+                           if k not in ("params", "param_names")
+                           and (k in self.defaults or k not in self._torch_only_keys)})
             try:
                 self._check_group(merged)
             except (TypeError, ValueError) as exc:
@@ -1099,13 +1103,17 @@ class Optimizer:
             raise ValueError(f"{where}: step {step!r} is too large (step counts are 32-bit)")
         return int(step)
 
-    def save(self, path):
-        """Write the state to a safetensors file, atomically (:func:`netcl.optim.save`)."""
-        checkpoint.save(self, path)
+    #: torch.optim group keys netcl has no use for: never copied into a group.
+    _torch_only_keys = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
-    def load(self, path):
+    def save(self, path, *, schedulers=None, scaler=None):
+        """Write the state (and the schedulers' and scaler's) to a safetensors
+        file, atomically (:func:`netcl.optim.save`)."""
+        checkpoint.save(self, path, schedulers=schedulers, scaler=scaler)
+
+    def load(self, path, *, schedulers=None, scaler=None):
         """Restore a file written by :meth:`save`, checked first (:func:`netcl.optim.load`)."""
-        checkpoint.load(self, path)
+        checkpoint.load(self, path, schedulers=schedulers, scaler=scaler)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
