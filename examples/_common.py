@@ -1,17 +1,17 @@
-"""Helpers shared by the examples: paths, a tiny progress bar, optimizer flags,
-checkpoints and matplotlib setup. Only NumPy, pyopencl and netcl here."""
+"""Helpers shared by the examples: paths, a progress bar (tqdm), optimizer flags,
+checkpoints and matplotlib setup. Only NumPy, pyopencl, netcl and tqdm here."""
 
 import argparse
 import hashlib
+import inspect
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyopencl.array as cla
 
 import netcl.optim
+from netcl.optim import families
 from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
@@ -62,39 +62,47 @@ def save_figure(fig, out, name, dpi=90):
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+    """A tqdm progress bar on stderr with the latest values (``update(loss=...)``)
+    after it; none when disabled or when tqdm (the ``examples`` extra) is missing."""
 
-    def __init__(self, total, label="", enabled=True, width=28):
-        self.total, self.label, self.width = max(1, total), label, width
-        self.enabled = enabled
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+    def __init__(self, total, label="", enabled=True):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=max(1, total), desc=label, mininterval=0.1, dynamic_ncols=True)
 
     def update(self, n=1, **info):
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= 0.1 or self.done >= self.total):
-            self.last = now
-            filled = int(self.width * min(1.0, self.done / self.total))
-            extra = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in info.items())
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                             f"{self.done}/{self.total} {now - self.start:5.1f}s  {extra}\033[K")
-            sys.stderr.flush()
+        if self.bar is not None:
+            if info:
+                self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v
+                                      for k, v in info.items()}, refresh=False)
+            self.bar.update(n)
 
     def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------- optimizers
-# Which command-line hyperparameters each optimizer takes (torch.optim names).
-OPTIMIZERS = {
-    "rmsprop": ("RMSProp", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
-    "adam": ("Adam", ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-    "adamw": ("AdamW", ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-    "sgd": ("SGD", ("lr", "momentum", "dampening", "weight_decay", "nesterov")),
-}
+# The torch.optim hyperparameters the examples take on the command line; each
+# optimizer accepts those its constructor has.
+CLI_HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "alpha", "eps", "centered", "betas",
+                       "amsgrad", "dampening", "nesterov")
+
+
+def _optimizers():
+    """--optim name -> (netcl.optim class name, the CLI hyperparameters it takes)."""
+    out = {}
+    for name, cls in families().items():
+        taken = inspect.signature(cls.__init__).parameters
+        out[name.lower()] = (name, tuple(p for p in CLI_HYPERPARAMETERS if p in taken))
+    return out
+
+
+OPTIMIZERS = _optimizers()
 
 
 def add_optimizer_args(parser, default="rmsprop", default_lr=None):
@@ -116,7 +124,7 @@ def add_optimizer_args(parser, default="rmsprop", default_lr=None):
                        help="adam, adamw")
     group.add_argument("--amsgrad", action="store_true", default=None, help="adam, adamw")
     group.add_argument("--dampening", type=float, help="sgd")
-    group.add_argument("--nesterov", action="store_true", default=None, help="sgd")
+    group.add_argument("--nesterov", action="store_true", default=None, help="rmsprop, sgd")
 
 
 def make_optimizer(parser, args, params, default_lr=None):
@@ -127,9 +135,8 @@ def make_optimizer(parser, args, params, default_lr=None):
     example uses when --lr is not given.
     """
     class_name, accepted = OPTIMIZERS[args.optim]
-    given = {name: getattr(args, name) for name in
-             ("lr", "momentum", "weight_decay", "alpha", "eps", "centered", "betas",
-              "amsgrad", "dampening", "nesterov") if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in CLI_HYPERPARAMETERS
+             if getattr(args, name) is not None}
     wrong = sorted(set(given) - set(accepted))
     if wrong:
         flags = ", ".join("--" + name.replace("_", "-") for name in wrong)

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import pyopencl as cl  # noqa: E402
 import pyopencl.array as cla  # noqa: E402
 
 from netcl.device import layout as device_layout  # noqa: E402
+from netcl.optim.optimizer import families  # noqa: E402
 
 DTYPE = np.dtype(np.float32)
 
@@ -335,21 +335,26 @@ class OptimConfig:
 
 
 LR = 1e-3
-OPTIMIZERS = (
-    # p, g, v read; p, v written
-    OptimConfig("rmsprop", "RMSProp", "RMSprop", dict(lr=LR), 5),
-    # p, g, v, grad_avg, buf read; p, v, grad_avg, buf written
-    OptimConfig("rmsprop-centered-mom", "RMSProp", "RMSprop",
-                dict(lr=LR, momentum=0.9, centered=True), 9),
-    # p, g, m, v read; p, m, v written
-    OptimConfig("adam", "Adam", "Adam", dict(lr=LR), 7),
-    OptimConfig("adamw", "AdamW", "AdamW", dict(lr=LR, weight_decay=1e-2), 7),
-    # adds max_v read and written
-    OptimConfig("amsgrad", "Adam", "Adam", dict(lr=LR, amsgrad=True), 9),
-    # p, g, buf read; p, buf written (plain SGD would be 3)
-    OptimConfig("sgd-nesterov", "SGD", "SGD",
-                dict(lr=LR, momentum=0.9, nesterov=True), 5),
-)
+
+
+def _words(cls, kwargs):
+    """float32-sized words an update moves per element: the parameter read
+    and written, the gradient read, each state buffer read and written."""
+    signature = inspect.signature(cls.__init__).parameters.values()
+    group = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
+    group.update(kwargs)
+    return 3 + 2 * len(cls._state_names(None, group))
+
+
+def _configs():
+    """One config per variant each family lists in ``benchmark_variants``."""
+    return tuple(OptimConfig(name, cls.__name__, cls.torch_name, dict(kwargs, lr=LR),
+                             _words(cls, kwargs))
+                 for cls in families().values()
+                 for name, kwargs in cls.benchmark_variants.items())
+
+
+OPTIMIZERS = _configs()
 OPTIMIZER_NAMES = tuple(c.name for c in OPTIMIZERS)
 
 
@@ -368,44 +373,38 @@ def select_optimizers(names=None):
 # ---------------------------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on stderr, silent unless stderr is a terminal."""
+    """A one-line tqdm progress bar on stderr, silent unless stderr is a terminal
+    (or tqdm, the ``bench`` extra, is not installed). ``done`` counts either way."""
 
     def __init__(self, total, enabled=True, stream=None):
         self.stream = stream or sys.stderr
         self.total = max(int(total), 1)
-        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.done = 0
-        self.label = ""
-        self._last_draw = 0.0
+        self.bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            # mininterval: redrawing on every step would cost time inside timed loops.
+            self.bar = tqdm(total=self.total, file=self.stream, leave=False, mininterval=0.1,
+                            dynamic_ncols=True, bar_format="{percentage:3.0f}% |{bar:24}| {desc}")
 
     def set_label(self, label):
-        self.label = label
-        self._draw(force=True)
+        if self.bar is not None:
+            self.bar.set_description_str(label)
 
     def advance(self, n=1):
-        self.done = min(self.done + n, self.total)
-        self._draw()
-
-    def _draw(self, force=False):
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        # Redrawing on every step would flood slow terminals and cost time inside timed loops.
-        if not force and now - self._last_draw < 0.1 and self.done < self.total:
-            return
-        self._last_draw = now
-        width = shutil.get_terminal_size((80, 20)).columns
-        frac = self.done / self.total
-        bar_width = 24
-        filled = int(bar_width * frac)
-        line = f"[{'#' * filled}{'.' * (bar_width - filled)}] {frac * 100:3.0f}% {self.label}"
-        self.stream.write("\r" + line[: width - 1].ljust(width - 1))
-        self.stream.flush()
+        n = min(n, self.total - self.done)
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.done == self.total:  # the throttled update may not have drawn the end
+                self.bar.refresh()
 
     def close(self):
-        if self.enabled:
-            self.stream.write("\r" + " " * (shutil.get_terminal_size((80, 20)).columns - 1) + "\r")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---------------------------------------------------------------------------

@@ -238,3 +238,55 @@ def test_unguarded_step_after_a_skipped_scaled_step_counts(ctx_factory):
     opt.step()            # unguarded
     assert opt.state[id(params[0])]["step"] == 1
     assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("variant", [(Adam, dict(lr=1e-2)),
+                                     (SGD, dict(lr=1e-1, momentum=0.9)),
+                                     (RMSProp, dict(lr=1e-2, centered=True))],
+                         ids=variant_id)
+def test_shards_together_take_the_unsharded_step(ctx_factory, variant):
+    """Two optimizers over the same parameters, each updating its own half
+    (ZeRO's shards), clip with the norm of every gradient and skip on a NaN
+    outside their shard: together they take exactly the unsharded steps, and
+    each keeps state only for its shard."""
+    queue = make_queue(ctx_factory)
+    cls, kw = variant
+    sizes = [300, 7, 4096, 1, 50]
+    params, whole_params = make_params(queue, np.float32, sizes=sizes), \
+        make_params(queue, np.float32, sizes=sizes)
+    options = dict(kw, skip_nonfinite=True, max_grad_norm=0.5)
+    shards = [cls(params, **options), cls(params, **options)]
+    shards[0]._set_shard(params[0::2])
+    shards[1]._set_shard(params[1::2])
+    whole = cls(whole_params, **options)
+    for step in range(4):
+        host = grads_for(params, step, np.float32)
+        if step == 2:
+            host[1][3] = np.nan  # in shard 1 only: shard 0 must skip too
+        set_grads(queue, params, host)
+        set_grads(queue, whole_params, host)
+        for opt in shards + [whole]:
+            opt.step()
+        for i, (p, q) in enumerate(zip(params, whole_params)):
+            assert np.array_equal(p.data.get(), q.data.get()), (step, i)
+    assert [s.skipped_steps for s in shards] == [1, 1] and whole.skipped_steps == 1
+    for s, owned in zip(shards, (params[0::2], params[1::2])):
+        assert set(s.state) == {id(p) for p in owned}
+        assert sorted(s.state_dict()["state"]) == sorted(
+            i for i, p in enumerate(params) if any(p is q for q in owned))
+    full = whole.state_dict()["state"]
+    for s in shards:
+        for i, entry in s.state_dict()["state"].items():
+            assert entry.keys() == full[i].keys()
+            for name in entry:
+                assert np.array_equal(entry[name], full[i][name]), (i, name)
+
+
+def test_shard_must_name_own_parameters(ctx_factory):
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[5, 6])
+    stranger = make_params(queue, np.float32, sizes=[5])
+    opt = Adam(params)
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt._set_shard(stranger)
+    assert opt._shard is None

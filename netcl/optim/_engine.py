@@ -214,7 +214,8 @@ class FlatView:
         self.member = member
         self.data = _whole(member.data)
         self.grad = _whole(member.grad)
-        buffers = new_state.get(id(member)) or entries[id(member)].buffers()
+        entry = entries.get(id(member))  # none for a parameter read only by the guard
+        buffers = new_state.get(id(member)) or (entry.buffers() if entry is not None else {})
         self.buffers = {name: _whole(b) for name, b in buffers.items()}
 
 

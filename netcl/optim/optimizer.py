@@ -18,13 +18,24 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine, _precision
+from netcl.optim import _engine, _precision, checkpoint, hooks as _hooks
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
 # every step uses one plan per (group, dtype); steps with missing gradients
 # each need their own, and the least recently used is dropped past this.
 _PLAN_CACHE_SIZE = 32
+
+
+# Every optimizer family, by class name, in definition order (see families()).
+_FAMILIES = {}
+
+
+def families():
+    """The optimizer families: ``{class name: class}``, e.g. ``{'RMSProp': RMSProp,
+    'Adam': Adam, 'AdamW': AdamW, 'SGD': SGD}``. Defining a subclass of
+    :class:`Optimizer` with a ``template`` (or a ``torch_name``) adds it."""
+    return dict(_FAMILIES)
 
 
 def _describe(index, name):
@@ -231,12 +242,34 @@ class Optimizer:
     for float32, float16 and bfloat16 parameters (float64 parameters keep
     float64 state).
 
-    Subclasses define ``template``, ``scalar_names``, ``factor_names`` and
-    the hooks ``_validate_group``, ``_state_names``, ``_initial_state``,
-    ``_kernel_flags`` and ``_scalar_args``.
+    ``track_stats=True`` (also a per-group key) makes each step also compute
+    training statistics inside its update pass — gradient, parameter, update
+    and state norms, non-finite and zero counts, the effective learning
+    rate's range — read with :meth:`stats` (see wiki/Telemetry.md).
+
+    A family subclasses this with one module and one template: it defines
+    ``template``, ``scalar_names``, ``factor_names``, the hooks
+    ``_validate_group``, ``_state_names``, ``_initial_state``,
+    ``_kernel_flags`` and ``_scalar_args``, and describes itself with
+    ``torch_name``/``torch_hyperparameters``/``torch_options`` (the
+    torch.optim counterpart, for ``state_dict(format="torch")``) and
+    ``benchmark_variants``; it is then listed by :func:`families` — the
+    checkpoints, the benchmark and the examples take their lists from there.
     """
 
     template = None
+    #: The engine's options every family accepts (keyword-only), with defaults.
+    #: ``track_stats`` is also a per-group key.
+    engine_options = {"skip_nonfinite": False, "max_grad_norm": None, "track_stats": False,
+                      "master_weights": False, "stochastic_rounding": False, "kahan": False,
+                      "state_dtype": "float32", "seed": 0}
+    #: The torch.optim class this family matches, the hyperparameters both
+    #: share, and torch's other group keys with the defaults torch 2.13 gives them.
+    torch_name = None
+    torch_hyperparameters = ()
+    torch_options = {}
+    #: Name -> keyword arguments of the variants ``python -m netcl.bench`` times.
+    benchmark_variants = {}
     #: Hyperparameter kernel arguments in the state dtype, as torch rounds
     #: Python scalars for its tensor ops.
     scalar_names = ()
@@ -249,11 +282,16 @@ class Optimizer:
     #: whose group then needs no state buffers gets no state entry at all.
     step_in_state = True
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "template" in vars(cls) or "torch_name" in vars(cls):
+            _FAMILIES[cls.__name__] = cls
+
     def __init__(self, params, defaults, *, skip_nonfinite=False, max_grad_norm=None,
-                 master_weights=False, stochastic_rounding=False, kahan=False,
-                 state_dtype="float32", seed=0):
-        self.defaults = dict(defaults)
-        self._validate_group(self.defaults)
+                 track_stats=False, master_weights=False, stochastic_rounding=False,
+                 kahan=False, state_dtype="float32", seed=0):
+        self.defaults = dict(defaults, track_stats=track_stats)
+        self._check_group(self.defaults)
         check_flag("skip_nonfinite", skip_nonfinite)
         if max_grad_norm is not None:
             check_non_negative("max_grad_norm", max_grad_norm)
@@ -279,6 +317,10 @@ class Optimizer:
         self._steps_host = None  # its last host copy, until the next step
         self._control = None    # device: found_inf, unscale, clip coef, norm
         self._skipped = None    # device: skipped-step count
+        self._shard = None      # ids of the parameters this process updates (None: all)
+        self._step_pre_hooks, self._step_post_hooks = {}, {}
+        self._state_dict_pre_hooks, self._state_dict_post_hooks = {}, {}
+        self._load_state_dict_pre_hooks, self._load_state_dict_post_hooks = {}, {}
 
         if isinstance(params, Set):
             self.add_param_group({"params": params})  # raises torch's message for sets
@@ -372,7 +414,7 @@ class Optimizer:
                              f"{type(self).__name__}")
         for key, value in self.defaults.items():
             group.setdefault(key, value)
-        self._validate_group(group)
+        self._check_group(group)
         group["params"] = params
         if names is not None:
             group["param_names"] = names
@@ -435,6 +477,11 @@ class Optimizer:
         return data.context
 
     # ------------------------------------------------------------------ hooks
+    def _check_group(self, group):
+        """The engine's group keys, then the family's :meth:`_validate_group`."""
+        check_flag("track_stats", group.get("track_stats", False))
+        self._validate_group(group)
+
     def _validate_group(self, group):
         """Raise ValueError naming any hyperparameter out of range."""
         raise NotImplementedError
@@ -556,6 +603,33 @@ class Optimizer:
         """Steps skipped for a non-finite gradient (read from the device: a sync)."""
         return int(self._skipped.get(queue=self._queue)[0])
 
+    def _set_shard(self, owned):
+        """Update (and keep state for) only the parameters in ``owned``.
+
+        For sharded optimizer state (:mod:`netcl.distributed`'s ZeRO): the
+        other parameters' gradients are still read by the step's reduction
+        pass when the step is guarded (``skip_nonfinite``, ``max_grad_norm``
+        or a GradScaler), so the skip decision and the clipping norm cover
+        every gradient — identical on every process once the gradients are
+        all-reduced — but those parameters get no state, no update and no
+        step count. ``None`` updates every parameter again. Existing state of
+        parameters outside the shard is dropped.
+        """
+        if owned is None:
+            shard = None
+        else:
+            shard = {id(p) for p in owned}
+            unknown = shard - set(self._param_index)
+            if unknown:
+                raise ValueError(f"{len(unknown)} parameter(s) of the shard are not in "
+                                 "this optimizer's param_groups")
+        self._shard = shard
+        if shard is not None:
+            for key in [key for key in self._state_entries if key not in shard]:
+                del self._state_entries[key]
+        self._state_version += 1
+        self._program = None
+
     def step(self, closure=None):
         """Perform one optimization step over every parameter with a gradient.
 
@@ -567,11 +641,43 @@ class Optimizer:
         ``max_grad_norm`` a reduction pass over the gradients comes first and
         the device itself decides whether to skip and how much to clip.
         """
+        return _hooks.run_step(self, self._step, (closure,), {})
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             loss = closure()
         self._run_step(None)
         return loss
+
+    # ------------------------------------------------------------------ hooks
+    def register_step_pre_hook(self, hook):
+        """``hook(optimizer, args, kwargs)`` before each step; it may return
+        new ``(args, kwargs)``. Returns a handle whose ``remove()`` drops it."""
+        return _hooks.register(self._step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook):
+        """``hook(optimizer, args, kwargs)`` after each step (once its kernels
+        are enqueued). Returns a removable handle."""
+        return _hooks.register(self._step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend=False):
+        """``hook(optimizer)`` before :meth:`state_dict` builds the dict."""
+        return _hooks.register(self._state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend=False):
+        """``hook(optimizer, state_dict)`` after :meth:`state_dict`; a returned
+        dict replaces it."""
+        return _hooks.register(self._state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend=False):
+        """``hook(optimizer, state_dict)`` before :meth:`load_state_dict`
+        (on a shallow copy); a returned dict is loaded instead."""
+        return _hooks.register(self._load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend=False):
+        """``hook(optimizer)`` after :meth:`load_state_dict` succeeded."""
+        return _hooks.register(self._load_state_dict_post_hooks, hook, prepend)
 
     def _run_step(self, scaler):
         """Prepare (or reuse) the bound program for this step and enqueue it.
@@ -595,8 +701,10 @@ class Optimizer:
         """Per group: (kernel flags, scalar argument values), validated."""
         out = []
         for group in self.param_groups:
-            self._validate_group(group)
-            out.append((self._kernel_flags(group), tuple(self._scalar_args(group))))
+            self._check_group(group)
+            flags = self._kernel_flags(group)
+            flags["track_stats"] = bool(group.get("track_stats", False))
+            out.append((flags, tuple(self._scalar_args(group))))
         return out
 
     def _groups_key(self, groups):
@@ -614,6 +722,7 @@ class Optimizer:
         state_checked = self._state_version != self._checked_state_version
         param_index, entries = self._param_index, self._state_entries
         seen_data, seen_grads = self._checked_data, self._checked_grads
+        shard, guarded = self._shard, self._guarded(scaler_key)
         for g, (group, (flags, _)) in enumerate(zip(self.param_groups, groups)):
             needed_by_dtype = {}
             by_dtype = {}
@@ -642,21 +751,26 @@ class Optimizer:
                     names = group.get("param_names")
                     raise type(exc)(f"{_describe(param_index[key], names[i] if names else None)}"
                                     f": {exc}") from None
-                members = by_dtype.get(p.data.dtype)
+                # Outside this process's shard: only read by the guard's pass.
+                update = shard is None or key in shard
+                if not update and not guarded:
+                    continue
+                members = by_dtype.get((update, p.data.dtype))
                 if members is None:
-                    members = by_dtype[p.data.dtype] = []
+                    members = by_dtype[(update, p.data.dtype)] = []
                 members.append((param_index[key], p))
             flag_key = tuple(sorted(flags.items()))
-            for dtype, members in by_dtype.items():
+            for (update, dtype), members in by_dtype.items():
                 needed = needed_by_dtype[dtype]
+                names = needed if update else ()
                 fresh = [p for _, p in members if id(p) not in entries]
-                if fresh and (needed or self.step_in_state):
+                if update and fresh and (needed or self.step_in_state):
                     new_state.update(self._new_state(group, fresh, len(fresh) == len(members),
                                                      needed))
-                flat = self._flat(members, needed, new_state)
-                batches.append((g, group, flags, needed, dtype, members, flat))
+                flat = self._flat(members, names, new_state)
+                batches.append((g, group, flags, names, dtype, members, flat, update))
                 width, itemsize = self._vector_width(dtype), dtype.itemsize
-                signature.append((g, dtype, flag_key, flat, tuple(
+                signature.append((g, update, dtype, flag_key, flat, tuple(
                     (index, p.data.size, (p.data.offset // itemsize) % width == 0
                      and (p.grad.offset // itemsize) % width == 0) for index, p in members)))
         signature = (tuple(signature), scaler_key)
@@ -800,7 +914,7 @@ class Optimizer:
         factor_dtype = self._factor_dtype()
         guard = self._guarded(scaler_key)
         program = _engine.Program(self, signature, scaler_key, guard)
-        for g, group, flags, state_names, dtype, members, flat in batches:
+        for g, group, flags, state_names, dtype, members, flat, update in batches:
             params = [p for _, p in members]
             lengths = [p.data.size for p in params]
             indices = [index for index, _ in members]
@@ -812,9 +926,10 @@ class Optimizer:
                 slot_params = [_engine.FlatView(params[launch.indices[0]], new_state,
                                                 self._state_entries)] if flat else \
                     [params[i] for i in launch.indices]
-                update = self._update_kernel(dtype, factor_dtype, launch, layout, state_names,
-                                             flags, guard)
-                program.add_update(g, launch, update, slot_params, state_names, new_state)
+                if update:
+                    kernel = self._update_kernel(dtype, factor_dtype, launch, layout,
+                                                 state_names, flags, guard)
+                    program.add_update(g, launch, kernel, slot_params, state_names, new_state)
                 if guard:
                     stats = self._stats_kernel(dtype, factor_dtype, launch, layout)
                     program.add_stats(launch, stats, slot_params)
@@ -826,7 +941,7 @@ class Optimizer:
 
     @staticmethod
     def _active_indices(batches):
-        return [index for batch in batches for index, _ in batch[5]]
+        return [index for batch in batches if batch[7] for index, _ in batch[5]]
 
     def _step_arguments(self, slots, dtype, state_names):
         """The update kernel's arguments for ``slots`` tensors of ``dtype``
@@ -903,8 +1018,17 @@ class Optimizer:
         if format not in ("netcl", "torch"):
             raise ValueError(f"format must be 'netcl' or 'torch', got {format!r}")
         if format == "torch":
-            from netcl.optim import checkpoint
             return checkpoint.torch_state_dict(self, self.state_dict())
+        for hook in list(self._state_dict_pre_hooks.values()):
+            hook(self)
+        state_dict = self._state_dict()
+        for hook in list(self._state_dict_post_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _state_dict(self):
         packed_state = {}
         groups = []
         index = 0
@@ -938,6 +1062,17 @@ class Optimizer:
         (``foreach``, ``capturable``, ...) are ignored, and a state entry whose
         buffers are all ``None`` (torch's SGD without momentum) means no state.
         """
+        if self._load_state_dict_pre_hooks and isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # hooks may edit it; the caller's stays
+            for hook in list(self._load_state_dict_pre_hooks.values()):
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in list(self._load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _load_state_dict(self, state_dict):
         if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
                 or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
@@ -967,9 +1102,13 @@ class Optimizer:
                 raise ValueError(f"parameter group {g}: parameter names {list(saved_names)} "
                                  f"do not match {group['param_names']}")
             merged = dict(group)
-            merged.update({k: v for k, v in saved.items() if k in self.defaults})
+            # Every saved group key but torch's own options (foreach, fused,
+            # ...): hyperparameters, and keys schedulers add (initial_lr, ...).
+            merged.update({k: v for k, v in saved.items()
+                           if k not in ("params", "param_names")
+                           and (k in self.defaults or k not in self._torch_only_keys)})
             try:
-                self._validate_group(merged)
+                self._check_group(merged)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"parameter group {g}: {exc}") from None
             new_groups.append(merged)
@@ -1070,15 +1209,17 @@ class Optimizer:
             raise ValueError(f"{where}: step {step!r} is too large (step counts are 32-bit)")
         return int(step)
 
-    def save(self, path):
-        """Write the state to a safetensors file, atomically (:func:`netcl.optim.save`)."""
-        from netcl.optim import checkpoint
-        checkpoint.save(self, path)
+    #: torch.optim group keys netcl has no use for: never copied into a group.
+    _torch_only_keys = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
-    def load(self, path):
+    def save(self, path, *, schedulers=None, scaler=None):
+        """Write the state (and the schedulers' and scaler's) to a safetensors
+        file, atomically (:func:`netcl.optim.save`)."""
+        checkpoint.save(self, path, schedulers=schedulers, scaler=scaler)
+
+    def load(self, path, *, schedulers=None, scaler=None):
         """Restore a file written by :meth:`save`, checked first (:func:`netcl.optim.load`)."""
-        from netcl.optim import checkpoint
-        checkpoint.load(self, path)
+        checkpoint.load(self, path, schedulers=schedulers, scaler=scaler)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
