@@ -42,6 +42,7 @@ runs as a plain loop.
 </%doc>
 <%!
     from netcl.optim._engine import ROW, FOUND_INF, UNSCALE, CLIP_COEF
+    from netcl.optim import _quantize
 %>
 <%
     W = vector_width
@@ -97,14 +98,22 @@ runs as a plain loop.
 
     # Low-precision write-back options (netcl.optim._precision).
     low_precision = param_format in ("half", "bfloat16")
-    family_names = [n for n in state_names if n not in ("master_param", "kahan_comp")]
     formats = dict(zip(state_names, state_formats))
+    # int8 state (netcl.optim._quantize): "codes" buffers index a dynamic
+    # map (signed for the names in signed_codes) and "<name>_absmax" holds
+    # one scale per block.
+    quantized = [n for n in state_names if formats[n] == "codes"]
+    family_names = [n for n in state_names if n not in ("master_param", "kahan_comp")
+                    and not n.endswith(_quantize.ABSMAX)]
+
+    def qmap(name):
+        return "netcl_qmap_signed" if name in signed_codes else "netcl_qmap_unsigned"
     pointer_types = {"float": "float", "double": "double", "half": "half",
-                     "bfloat16": "ushort"}
+                     "bfloat16": "ushort", "codes": "uchar"}
     formats_used = {param_format} | set(state_formats)
     widths = sorted({1, W})
 %>
-<%def name="element(width)">
+<%def name="element(width, phase='full')">
 <% T = vec(state_t, width) %>\
 % if stochastic:
         // This element's random bits: a hash of (seed, tensor, step, index).
@@ -121,7 +130,11 @@ runs as a plain loop.
 % endif
         ${T} g = ${load("g_ptr", param_format, state_t, width)};
 % for name in family_names:
+  % if name in quantized:
+        ${T} ${name} = ${qmap(name)}[${name}_ptr[at]] * ${name}_scale;
+  % else:
         ${T} ${name} = ${load(name + "_ptr", formats[name], state_t, width)};
+  % endif
 % endfor
 % if kahan:
         const ${T} p_before = p;
@@ -132,6 +145,15 @@ runs as a plain loop.
         g = g * clip_coef;
 % endif
 ${self.update(T)}
+% if phase == "measure":
+  % for name in quantized:
+        ${name}_max = fmax(${name}_max, fabs(${name}));
+  % endfor
+% else:
+${stores(T, width)}
+% endif
+</%def>
+<%def name="stores(T, width)">
 % if master_weights:
         ${store("p", "master_param_ptr", "float", state_t, width)}
 % endif
@@ -150,7 +172,12 @@ ${self.update(T)}
         ${store("p", "p_ptr", param_format, state_t, width, stochastic)}
 % endif
 % for name in family_names:
+  % if name in quantized:
+        ${name}_ptr[at] = netcl_quantize(${qmap(name)},
+            ${name}_new_scale > 0.0f ? ${name} / ${name}_new_scale : 0.0f);
+  % else:
         ${store(name, name + "_ptr", formats[name], state_t, width)}
+  % endif
 % endfor
 </%def>
 <%def name="helpers(width)">
@@ -221,6 +248,23 @@ inline ${F} netcl_half_sr_${width}(const ${F} x, const ${U} rand)
 % for width in widths:
 ${helpers(width)}
 % endfor
+% if quantized:
+__constant float netcl_qmap_signed[256] = {${_quantize.c_array(_quantize.MAPS[True])}};
+__constant float netcl_qmap_unsigned[256] = {${_quantize.c_array(_quantize.MAPS[False])}};
+
+// The index of the map entry nearest to x (the lower one on a tie): a
+// binary search for the last entry <= x, then the nearer neighbour.
+inline uchar netcl_quantize(__constant const float *map, const float x)
+{
+    uint low = 0;
+    for (uint step = 128; step > 0; step >>= 1)
+        if (map[low + step] <= x)
+            low += step;
+    if (low < 255 && x - map[low] > map[low + 1] - x)
+        low += 1;
+    return (uchar)low;
+}
+% endif
 
 <%def name="factors()"></%def>
 __kernel void optimizer_step(
@@ -263,7 +307,11 @@ ${self.factors()}
         p_ptr = p${k} + p${k}_offset + start;
         g_ptr = g${k} + g${k}_offset + start;
   % for name in state_names:
+    % if name.endswith(_quantize.ABSMAX):
+        ${name}_ptr = ${name}${k} + start / ${_quantize.BLOCK};
+    % else:
         ${name}_ptr = ${name}${k} + s${k}_offset + start;
+    % endif
   % endfor
         break;
 % endfor
@@ -271,14 +319,41 @@ ${self.factors()}
         return;
     }
 
+% if quantized:
+    // A work-item owns whole blocks (a row starts on a block boundary): it
+    // computes the block's new state once for the new scales, then again,
+    // identically, to store the parameter and the re-quantised state.
+    const uint n_blocks = (count + ${_quantize.BLOCK - 1}) / ${_quantize.BLOCK};
+    for (uint b = get_local_id(0); b < n_blocks; b += get_local_size(0)) {
+        const uint begin = b * ${_quantize.BLOCK};
+        const uint end = min(begin + ${_quantize.BLOCK}, count);
+  % for name in quantized:
+        const float ${name}_scale = ${name}${_quantize.ABSMAX}_ptr[b];
+        float ${name}_max = 0.0f;
+  % endfor
+        for (uint at = begin; at < end; ++at) {
+${element(1, "measure")}
+        }
+  % for name in quantized:
+        const float ${name}_new_scale = ${name}_max;
+  % endfor
+        for (uint at = begin; at < end; ++at) {
+${element(1, "store")}
+        }
+  % for name in quantized:
+        ${name}${_quantize.ABSMAX}_ptr[b] = ${name}_new_scale;
+  % endfor
+    }
+% else:
     const uint n_vec = count / ${W};
     for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
         const uint at = i * ${W};
 ${element(W)}
     }
-% if W > 1:
+  % if W > 1:
     for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
 ${element(1)}
     }
+  % endif
 % endif
 }

@@ -374,16 +374,18 @@ def test_grad_scaler_and_nonfinite_skip(ctx_factory, dtype):
 
 # ------------------------------------------------------------ state and files
 @pytest.mark.parametrize("options", [dict(master_weights=True), dict(kahan=True),
-                                     dict(state_dtype="bfloat16", stochastic_rounding=True)],
+                                     dict(state_dtype="bfloat16", stochastic_rounding=True),
+                                     dict(state_dtype="int8", master_weights=True)],
                          ids=lambda o: "-".join(o))
 @pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
 def test_checkpoint_resumes_bit_exactly(ctx_factory, tmp_path, dtype, options):
     queue = make_queue(ctx_factory)
-    params = make(queue, dtype, seed=11)
+    sizes = [5000, 85]  # int8 state for the first, float32 for the second
+    params = make(queue, dtype, seed=11, sizes=sizes)
     opt = Adam(params, lr=1e-2, **options)
 
     def step(opt, params, s):
-        for p, g in zip(params, grads(SIZES, dtype, s)):
+        for p, g in zip(params, grads(sizes, dtype, s)):
             p.grad = cla.to_device(queue, g)
         opt.step()
 
@@ -403,7 +405,7 @@ def test_checkpoint_resumes_bit_exactly(ctx_factory, tmp_path, dtype, options):
             if name != "step":
                 np.testing.assert_array_equal(bits(host(value)),
                                               bits(host(resumed.state[id(q)][name])))
-    other = "float32" if options.get("state_dtype") == "bfloat16" else "bfloat16"
+    other = "float32" if options.get("state_dtype") in ("bfloat16", "int8") else "bfloat16"
     fresh = Adam(copies, lr=1e-2, **{**options, "state_dtype": other})
     with pytest.raises(ValueError, match="state_dtype"):
         fresh.load(path)
@@ -432,3 +434,98 @@ def test_bad_options_and_inputs(ctx_factory):
         opt.step()
     np.testing.assert_array_equal(bits(host(p.data)), bits(before))
     assert len(opt.state) == 0
+
+
+# ------------------------------------------------------------------ int8 state
+def recipe_map(signed):
+    """bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7,
+    total_bits=8), re-derived: per decade i, 2**i (signed, both signs) or
+    2**(i+1) midpoints of an even split of [0.1, 1], times 10**(i-6); 0; 1."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        n = 2**i if signed else 2**(i + 1)
+        edges = [0.1 + 0.9 * k / n for k in range(n + 1)]
+        for a, b in zip(edges, edges[1:]):
+            values.append(10.0 ** (i - 6) * (a + b) / 2)
+            if signed:
+                values.append(-10.0 ** (i - 6) * (a + b) / 2)
+    return np.sort(np.array(values)).astype(np.float32)
+
+
+def quantize(x, table):
+    """Nearest map entry to each float32 x (the lower on a tie)."""
+    x = np.asarray(x, np.float32)
+    index = np.clip(np.searchsorted(table, x, side="right") - 1, 0, 255)
+    upper = np.minimum(index + 1, 255)
+    nearer_up = (index < 255) & ((x - table[index]) > (table[upper] - x))
+    return (index + nearer_up).astype(np.uint8)
+
+
+def test_dynamic_maps():
+    from netcl.optim import _quantize
+    for signed in (True, False):
+        table = _quantize.MAPS[signed]
+        np.testing.assert_array_equal(table, recipe_map(signed))
+        assert table.dtype == np.float32 and table.size == 256
+        assert np.all(np.diff(table) > 0) and table[-1] == 1.0 and 0.0 in table
+        assert (table < 0).sum() == (127 if signed else 0)
+
+
+INT8_VARIANTS = [(Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2)),
+                 (RMSProp, dict(lr=1e-2, centered=True, momentum=0.9)),
+                 (RMSProp, dict(lr=1e-2, initial_scale=1.0))]
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=dtype_id)
+@pytest.mark.parametrize("variant", INT8_VARIANTS, ids=variant_id)
+def test_int8_state_matches_the_same_quantisation(ctx_factory, variant, dtype):
+    """Each step: the int8 optimizer against netcl's float32 optimizer whose
+    state is set to the dequantised values (map[code] * absmax, in float32);
+    the new scales are the blocks' largest magnitudes, the codes the nearest
+    map entries (re-derived in NumPy), the parameter the rounded float32 one.
+    A tensor under 4096 elements keeps float32 state."""
+    from netcl.optim import _quantize
+    cls, kwargs = variant
+    queue = make_queue(ctx_factory)
+    sizes = [20000, 5000, 100]  # two rows of 16384; a partial last block; small
+    params = make(queue, dtype, seed=13, sizes=sizes)
+    mirror = [netcl.Parameter(cla.to_device(queue, host(p.data).astype(np.float32)))
+              for p in params]
+    opt = cls(params, **kwargs, state_dtype="int8")
+    opt32 = cls(mirror, **kwargs)
+    signs = cls.quantized_state
+    for step in range(1, 4):
+        hg = grads(sizes, dtype, step)
+        if step > 1:
+            for p, q in zip(params[:2], mirror[:2]):
+                state = opt.state[id(p)]
+                for name in opt32.state[id(q)]:
+                    if name != "step":
+                        table = _quantize.MAPS[signs[name]]
+                        scale = np.repeat(host(state[name + "_absmax"]), 256)[:p.data.size]
+                        deq = table[host(state[name])] * scale.astype(np.float32)
+                        opt32.state[id(q)][name].set(deq.astype(np.float32))
+        for p, q, g in zip(params, mirror, hg):
+            q.data.set(host(p.data).astype(np.float32))
+            p.grad = cla.to_device(queue, g)
+            q.grad = cla.to_device(queue, g.astype(np.float32))
+        opt.step()
+        opt32.step()
+        for index, (p, q) in enumerate(zip(params, mirror)):
+            np.testing.assert_array_equal(bits(host(p.data)), bits(lp(host(q.data), dtype)))
+            state = opt.state[id(p)]
+            for name, value in opt32.state[id(q)].items():
+                if name == "step":
+                    continue
+                new = host(value)
+                if p.data.size < _quantize.MIN_ELEMENTS:
+                    np.testing.assert_array_equal(host(state[name]), new)
+                    continue
+                blocks = np.pad(np.abs(new), (0, -new.size % 256)).reshape(-1, 256)
+                absmax = blocks.max(axis=1)
+                np.testing.assert_array_equal(host(state[name + "_absmax"]), absmax)
+                scale = np.repeat(absmax, 256)[:new.size]
+                ratio = np.where(scale > 0, new / np.where(scale > 0, scale, 1), 0)
+                expected = quantize(ratio.astype(np.float32), recipe_map(signs[name]))
+                np.testing.assert_array_equal(host(state[name]), expected,
+                                              err_msg=f"{name}, step {step}")

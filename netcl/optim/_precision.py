@@ -54,7 +54,8 @@ KAHAN = "kahan_comp"
 
 #: Storage format of a buffer in a kernel, by dtype: the template's load and
 #: store helpers dispatch on it.
-_FORMATS = {FLOAT32: "float", FLOAT64: "double", FLOAT16: "half"}
+_FORMATS = {FLOAT32: "float", FLOAT64: "double", FLOAT16: "half",
+            np.dtype(np.uint8): "codes"}  # codes: int8 state, see _quantize
 if BFLOAT16 is not None:
     _FORMATS[BFLOAT16] = "bfloat16"
 

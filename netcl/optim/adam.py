@@ -59,6 +59,8 @@ class Adam(Optimizer):
     """
 
     template = "adam.cl.mako"
+    #: int8 state: the first moment on the signed map, the second on the unsigned.
+    quantized_state = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
     torch_name = "Adam"
     torch_hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                              "decoupled_weight_decay")

@@ -42,8 +42,9 @@ has no tensors.
     from the optimizer's, naming both. A parameter's ``"dtype"`` may be
     ``"float16"`` or ``"bfloat16"`` too, and its buffers may be stored in
     another dtype than the parameter (``master_param`` float32, bfloat16
-    state): each tensor keeps its own dtype, so a checkpoint restores every
-    bit.
+    state, int8 state's uint8 codes and its per-block float32
+    ``<name>_absmax`` scales): each tensor keeps its own dtype and shape, so a
+    checkpoint restores every bit.
 ``netcl.checksums``
     the CRC-32 of every tensor and of the rest of the header, written and
     verified by :mod:`netcl.optim.checkpoint_file` (see there). A flipped bit
@@ -72,7 +73,7 @@ import json
 import numpy as np
 
 import netcl
-from netcl.optim import _training_state
+from netcl.optim import _quantize, _training_state
 from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
 
 __all__ = ["CheckpointError", "SCHEMA_VERSION", "encode", "load", "read", "save",
@@ -356,8 +357,10 @@ def read(path):
             # float32 master copy, bfloat16 state): load_state_dict checks
             # the dtype the optimizer expects.
             allowed = {dtype.name} if dtype.name == "float64" else {
-                dtype.name, "float32", "bfloat16"}
-            if value.shape != shape or value.dtype.name not in allowed:
+                dtype.name, "float32", "bfloat16", "uint8"}  # uint8: int8 state's codes
+            expected_shape = (_quantize.blocks(int(np.prod(shape))),) \
+                if name.endswith(_quantize.ABSMAX) else shape
+            if value.shape != expected_shape or value.dtype.name not in allowed:
                 raise bad(f"tensor {key!r} is {value.dtype}{list(value.shape)}, but parameter "
                           f"{index} is {dtype}{list(shape)}")
             loaded[name] = value

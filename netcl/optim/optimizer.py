@@ -18,7 +18,7 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine, _precision, checkpoint, hooks as _hooks
+from netcl.optim import _engine, _precision, _quantize, checkpoint, hooks as _hooks
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
@@ -494,13 +494,27 @@ class Optimizer:
         """The value a state buffer starts from."""
         return 0.0
 
-    #: Whether ``state_dtype="int8"`` can quantise this family's state.
-    quantizable = False
+    #: State names ``state_dtype="int8"`` quantises, each with whether its
+    #: values take both signs (the signed map) or not (see netcl.optim._quantize).
+    quantized_state = {}
 
-    def _buffer_names(self, group, dtype):
-        """The state buffers of a parameter of ``dtype`` in ``group``, in kernel
-        order: the family's, then the low-precision write-back's."""
+    @property
+    def quantizable(self):
+        return bool(self.quantized_state)
+
+    def _quantized(self, dtype, size):
+        """Whether a parameter's state is int8: ``state_dtype="int8"``, not
+        float64, and at least _quantize.MIN_ELEMENTS elements."""
+        return self.state_dtype == "int8" and np.dtype(dtype) != _precision.FLOAT64 \
+            and size >= _quantize.MIN_ELEMENTS
+
+    def _buffer_names(self, group, dtype, size=0):
+        """The state buffers of a parameter of ``dtype`` and ``size`` elements
+        in ``group``, in kernel order: the family's, the per-block scales of
+        its int8 ones, then the low-precision write-back's."""
         names = list(self._state_names(group))
+        if self._quantized(dtype, size):
+            names += [name + _quantize.ABSMAX for name in names if name in self.quantized_state]
         if _precision.is_low_precision(dtype):
             if self.master_weights:
                 names.append(_precision.MASTER)
@@ -508,16 +522,41 @@ class Optimizer:
                 names.append(_precision.KAHAN)
         return names
 
-    def _buffer_dtype(self, dtype, name):
-        """The dtype a state buffer of a parameter of ``dtype`` is stored in."""
+    def _buffer_dtype(self, dtype, name, names=()):
+        """The dtype a state buffer of a parameter of ``dtype`` is stored in;
+        ``names`` are all its buffers (an int8 one has a ``_absmax`` partner)."""
         dtype = np.dtype(dtype)
-        if name == _precision.MASTER:
+        if name == _precision.MASTER or name.endswith(_quantize.ABSMAX):
             return _precision.FLOAT32
         if name == _precision.KAHAN:
             return dtype
-        if dtype == _precision.FLOAT64 or self.state_dtype == "float32":
+        if name + _quantize.ABSMAX in names:
+            return np.dtype(np.uint8)
+        if dtype == _precision.FLOAT64 or self.state_dtype != "bfloat16":
             return _precision.compute_dtype(dtype)
         return _precision.BFLOAT16
+
+    @staticmethod
+    def _buffer_shape(p, name):
+        if name.endswith(_quantize.ABSMAX):
+            return (_quantize.blocks(p.data.size),)
+        return p.data.shape
+
+    def _state_format(self, dtype, name, names):
+        """The kernel storage format of a state buffer."""
+        return _precision.storage_format(self._buffer_dtype(dtype, name, names))
+
+    def _initial_fill(self, group, name, names):
+        """The value a new state buffer is filled with: the family's initial
+        value, or for int8 state the code and scale that make it."""
+        if name.endswith(_quantize.ABSMAX):
+            base = name[:-len(_quantize.ABSMAX)]
+            return _quantize.initial_codes(self.quantized_state[base],
+                                           self._initial_state(group, base))[1]
+        if name + _quantize.ABSMAX in names:
+            return _quantize.initial_codes(self.quantized_state[name],
+                                           self._initial_state(group, name))[0]
+        return self._initial_state(group, name)
 
     def _kernel_flags(self, group):
         """Structural template flags (booleans); they key the kernel cache."""
@@ -584,16 +623,19 @@ class Optimizer:
             if not isinstance(buffer, cla.Array):
                 raise TypeError(f"state {name!r} must be a pyopencl.array.Array, "
                                 f"got {type(buffer).__name__}")
-            expected = self._buffer_dtype(p.data.dtype, name)
-            if buffer.shape != p.data.shape or buffer.dtype != expected:
+            expected = self._buffer_dtype(p.data.dtype, name, needed)
+            shape = self._buffer_shape(p, name)
+            if buffer.shape != shape or buffer.dtype != expected:
                 raise ValueError(
                     f"state {name!r} has shape {buffer.shape} and dtype {buffer.dtype}, but "
                     f"the parameter now has shape {p.data.shape} and dtype {p.data.dtype} "
-                    f"(state dtype {expected}); "
+                    f"(state shape {shape}, dtype {expected}); "
                     "an optimizer's state belongs to the array it was created for — "
                     "create a new optimizer (or load a matching state) after replacing .data")
+            whole = shape != p.data.shape or any(n + _quantize.ABSMAX in needed for n in needed)
             if buffer.offset != buffers[needed[0]].offset \
-                    or buffer.offset not in (0, p.data.offset) or buffer.context != self._context:
+                    or buffer.offset not in ((0,) if whole else (0, p.data.offset)) \
+                    or buffer.context != self._context:
                 raise ValueError(f"state {name!r} must be a whole buffer, or a view at its "
                                  "parameter's offset (as every state buffer of the "
                                  "parameter), in the optimizer's context")
@@ -731,10 +773,11 @@ class Optimizer:
                 if grad is None:
                     continue
                 key = id(p)
-                needed = needed_by_dtype.get(p.data.dtype)
+                kind = (p.data.dtype, self._quantized(p.data.dtype, p.data.size))
+                needed = needed_by_dtype.get(kind)
                 if needed is None:
-                    needed = needed_by_dtype[p.data.dtype] = self._buffer_names(
-                        group, p.data.dtype)
+                    needed = needed_by_dtype[kind] = self._buffer_names(
+                        group, p.data.dtype, p.data.size)
                 try:
                     # An Array's dtype, shape and context never change, so an
                     # array that passed once needs no second look.
@@ -755,13 +798,14 @@ class Optimizer:
                 update = shard is None or key in shard
                 if not update and not guarded:
                     continue
-                members = by_dtype.get((update, p.data.dtype))
+                members = by_dtype.get((update, kind))
                 if members is None:
-                    members = by_dtype[(update, p.data.dtype)] = []
+                    members = by_dtype[(update, kind)] = []
                 members.append((param_index[key], p))
             flag_key = tuple(sorted(flags.items()))
-            for (update, dtype), members in by_dtype.items():
-                needed = needed_by_dtype[dtype]
+            for (update, kind), members in by_dtype.items():
+                dtype = kind[0]
+                needed = needed_by_dtype[kind]
                 names = needed if update else ()
                 fresh = [p for _, p in members if id(p) not in entries]
                 if update and fresh and (needed or self.step_in_state):
@@ -770,7 +814,7 @@ class Optimizer:
                 flat = self._flat(members, names, new_state)
                 batches.append((g, group, flags, names, dtype, members, flat, update))
                 width, itemsize = self._vector_width(dtype), dtype.itemsize
-                signature.append((g, update, dtype, flag_key, flat, tuple(
+                signature.append((g, update, kind, flag_key, flat, tuple(
                     (index, p.data.size, (p.data.offset // itemsize) % width == 0
                      and (p.grad.offset // itemsize) % width == 0) for index, p in members)))
         signature = (tuple(signature), scaler_key)
@@ -816,8 +860,9 @@ class Optimizer:
         step stays a single launch.
         """
         bases = {(id(p.data.base_data), id(p.grad.base_data)) for p in params}
+        quantized = any(name.endswith(_quantize.ABSMAX) for name in names)
         flat = whole_batch and len(params) > 1 and len(bases) == 1 and names and all(
-            p.grad.offset == p.data.offset for p in params)
+            p.grad.offset == p.data.offset for p in params) and not quantized
         out = {}
         if flat:
             base = params[0].data.base_data
@@ -825,7 +870,7 @@ class Optimizer:
             whole = {name: cla.empty(self._queue, base.size // dtype.itemsize,
                                      self._buffer_dtype(dtype, name)) for name in names}
             for name, buffer in whole.items():
-                fill(self._queue, buffer, self._initial_state(group, name))
+                fill(self._queue, buffer, self._initial_fill(group, name, names))
             for p in params:
                 begin = p.data.offset // dtype.itemsize
                 out[id(p)] = {name: buffer[begin:begin + p.data.size].reshape(p.data.shape)
@@ -834,9 +879,9 @@ class Optimizer:
         for p in params:
             buffers = {}
             for name in names:
-                buffer = cla.empty(self._queue, p.data.shape,
-                                   self._buffer_dtype(p.data.dtype, name))
-                fill(self._queue, buffer, self._initial_state(group, name))
+                buffer = cla.empty(self._queue, self._buffer_shape(p, name),
+                                   self._buffer_dtype(p.data.dtype, name, names))
+                fill(self._queue, buffer, self._initial_fill(group, name, names))
                 buffers[name] = buffer
             out[id(p)] = buffers
         return out
@@ -846,8 +891,9 @@ class Optimizer:
         of one buffer per role, each at its parameter's offset — the ids of
         those buffers (part of the program's signature); else None. A flat
         batch is updated by one launch whatever its number of tensors."""
-        if len(members) < 2:
-            return None
+        if len(members) < 2 or any(n.endswith(_quantize.ABSMAX) for n in state_names):
+            return None  # int8 state is per tensor (its scales are per block)
+
         def buffers_of(p):
             if not state_names:
                 return {}
@@ -949,7 +995,7 @@ class Optimizer:
         return _engine.step_arguments(
             slots, state_names, self.scalar_names, self.factor_names, dtype,
             _precision.compute_dtype(dtype), self._factor_dtype(),
-            {name: self._buffer_dtype(dtype, name) for name in state_names},
+            {name: self._buffer_dtype(dtype, name, state_names) for name in state_names},
             seed=self._stochastic(dtype))
 
     def _stochastic(self, dtype):
@@ -963,8 +1009,10 @@ class Optimizer:
             self._context, self.template, "optimizer_step",
             param_t=_precision.POINTER_TYPES[param_format], param_format=param_format,
             state_t=_kernels.c_type(_precision.compute_dtype(dtype)),
-            state_formats=tuple(_precision.storage_format(self._buffer_dtype(dtype, name))
+            state_formats=tuple(self._state_format(dtype, name, state_names)
                                 for name in state_names),
+            signed_codes=tuple(name for name in state_names
+                               if self.quantized_state.get(name) is True),
             master_weights=low_precision and self.master_weights,
             kahan=low_precision and self.kahan, stochastic=self._stochastic(dtype),
             factor_t=_kernels.c_type(factor_dtype),
@@ -1157,7 +1205,7 @@ class Optimizer:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: state must be a dict, got {type(entry).__name__}")
         entry = {name: value for name, value in entry.items() if value is not None}
-        names = self._buffer_names(group, p.data.dtype)
+        names = self._buffer_names(group, p.data.dtype, p.data.size)
         if not set(entry) - {"step"}:
             if not names or "step" not in entry:
                 return None  # no buffers (and for SGD no step): nothing to restore
@@ -1180,10 +1228,11 @@ class Optimizer:
                 if value is None or value.dtype == object:
                     raise TypeError(f"{where}: state {name!r} must be a numpy array, "
                                     f"got {type(entry[name]).__name__}")
-            if value.shape != p.data.shape:
+            shape = self._buffer_shape(p, name)
+            if value.shape != shape:
                 raise ValueError(f"{where}: state {name!r} has shape {value.shape}, "
-                                 f"expected {p.data.shape}")
-            expected_dtype = self._buffer_dtype(p.data.dtype, name)
+                                 f"expected {shape}")
+            expected_dtype = self._buffer_dtype(p.data.dtype, name, names)
             if value.dtype != expected_dtype:
                 raise TypeError(f"{where}: state {name!r} has dtype {value.dtype}, expected "
                                 f"{expected_dtype} (this optimizer's state_dtype is "

@@ -116,6 +116,8 @@ class RMSProp(Optimizer):
     """
 
     template = "rmsprop.cl.mako"
+    #: int8 state: square_avg on the unsigned map, the signed ones on the signed.
+    quantized_state = {"square_avg": False, "grad_avg": True, "momentum_buffer": True}
     torch_name = "RMSprop"
     torch_hyperparameters = ("lr", "momentum", "alpha", "eps", "centered", "weight_decay",
                              "maximize")
