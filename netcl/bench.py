@@ -818,7 +818,7 @@ def _engine_rows(netcl, queue, torch, loads, args, progress):
     counts = (100, 1_000) if args.quick else bench_engine.HOST_TENSOR_COUNTS
     rows = bench_engine.host_rows(netcl, queue, steps=max(3, args.steps), counts=counts)
     for w in loads:
-        if w.name not in ("resnet50", "bert"):
+        if w.name not in ("resnet50", "bert", "flat"):
             continue
         progress.set_label(f"engine: {w.name} epilogue")
         rows += bench_engine.epilogue_rows(netcl, queue, torch, w, _host_data(w), args.steps,
