@@ -251,3 +251,30 @@ def test_failed_rank_stops_the_others_within_the_timeout(device, tmp_path):
     assert f"rank 0 of 2: the gradient all-reduce (layout check) did not complete within " \
            f"{worker.TIMEOUT:g} s" in done.stderr, done.stderr
     assert seconds < worker.TIMEOUT + 60
+
+
+def test_train_mlp_example_distributed_matches_one_process(ctx_factory, tmp_path):
+    """examples/train_mlp.py under mpiexec -n 2, with and without ZeRO, reaches
+    the single-process accuracy."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    device = ctx_factory().devices[0]
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_mlp.py"
+    flags = ["--steps", "40", "--hidden", "32", "--no-progress", "--out", str(tmp_path)]
+    env = dict(os.environ, PYOPENCL_CTX=_ctx_string(device))
+    accuracy = {}
+    for mode, prefix in [("single", []), ("distributed", [_mpiexec(), "-n", "2"]),
+                         ("zero", [_mpiexec(), "-n", "2"])]:
+        argv = prefix + [sys.executable, str(example)] + flags + (
+            [f"--{mode}"] if prefix else [])
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = [line for line in done.stdout.splitlines() if "held-out accuracy" in line]
+        assert len(lines) == 1, done.stdout  # rank 0 reports, once
+        accuracy[mode] = float(lines[0].split("held-out accuracy ")[1].split("%")[0]) / 100
+        if prefix:
+            assert "2 ranks" in lines[0], lines[0]
+    assert accuracy["single"] > 0.85, accuracy  # chance is 0.10
+    for mode in ("distributed", "zero"):
+        # float32 rounding of the gradient sums may flip an image or two
+        assert abs(accuracy[mode] - accuracy["single"]) <= 0.01, accuracy

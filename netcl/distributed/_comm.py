@@ -4,7 +4,7 @@ Every collective is started non-blocking and polled until it completes or its
 deadline passes. A rank that raised, hung or died never joins, so without a
 deadline the others would wait forever; with one they report what they were
 waiting for and abort the whole job (``MPI_Abort``), which also ends the rank
-that failed. Polling backs off from a tight loop to 1 ms sleeps, so waiting
+that failed. Polling backs off from a tight loop to 0.2 ms sleeps, so waiting
 ranks leave the CPU to ranks still computing (several ranks often share a
 node's cores).
 """
@@ -29,7 +29,7 @@ __all__ = ["Communicator", "DistributedError", "DistributedTimeoutError", "DEFAU
 #: Seconds a collective may wait for the other ranks (env NETCL_DISTRIBUTED_TIMEOUT).
 DEFAULT_TIMEOUT = 300.0
 _SPIN_SECONDS = 200e-6
-_MAX_SLEEP = 1e-3
+_MAX_SLEEP = 200e-6
 
 _MPI_TYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE,
               np.dtype(np.int64): MPI.INT64_T, np.dtype(np.uint32): MPI.UINT32_T,

@@ -360,6 +360,8 @@ class ZeroRedundancyOptimizer(_Distributed):
         """Every rank's updated parameters to every rank: each copies its own
         shard into its segment of one host buffer per dtype, an in-place
         all-gather fills in the others, and they are copied back."""
+        if self.world_size == 1:
+            return  # the one rank updated every parameter
         queue = self.optim._queue
         params = self.params()
         active = [(p, r) for p, r in zip(params, self.owners) if p.grad is not None]
