@@ -1,11 +1,9 @@
-"""Helpers shared by the examples: paths, a tiny progress bar, optimizer flags,
-checkpoints and matplotlib setup. Only NumPy, pyopencl and netcl here."""
+"""Helpers shared by the examples: paths, a progress bar (tqdm), optimizer flags,
+checkpoints and matplotlib setup. Only NumPy, pyopencl, netcl and tqdm here."""
 
 import argparse
 import hashlib
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,29 +60,28 @@ def save_figure(fig, out, name, dpi=90):
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+    """A tqdm progress bar on stderr with the latest values (``update(loss=...)``)
+    after it; none when disabled or when tqdm (the ``examples`` extra) is missing."""
 
-    def __init__(self, total, label="", enabled=True, width=28):
-        self.total, self.label, self.width = max(1, total), label, width
-        self.enabled = enabled
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+    def __init__(self, total, label="", enabled=True):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=max(1, total), desc=label, mininterval=0.1, dynamic_ncols=True)
 
     def update(self, n=1, **info):
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= 0.1 or self.done >= self.total):
-            self.last = now
-            filled = int(self.width * min(1.0, self.done / self.total))
-            extra = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in info.items())
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                             f"{self.done}/{self.total} {now - self.start:5.1f}s  {extra}\033[K")
-            sys.stderr.flush()
+        if self.bar is not None:
+            if info:
+                self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v
+                                      for k, v in info.items()}, refresh=False)
+            self.bar.update(n)
 
     def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------- optimizers

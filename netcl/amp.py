@@ -456,6 +456,21 @@ class GradScaler:
         """
         if not self._enabled:
             return
+        scale, growth_factor, backoff_factor, growth_interval, tracker = \
+            self._checked_state(state_dict)
+        self._init_scale = scale
+        self._growth_factor = growth_factor
+        self._backoff_factor = backoff_factor
+        self._growth_interval = growth_interval
+        self._init_growth_tracker = tracker
+        _utils.one_item(self._queue, "scaler_set", [None, np.float32, np.float32, _U, _U],
+                        [self._state.base_data, np.float32(scale), np.float32(tracker), _U(1),
+                         _U(0)], src="value")
+
+    @staticmethod
+    def _checked_state(state_dict):
+        """``(scale, growth_factor, backoff_factor, growth_interval, tracker)`` from
+        a state dict, each checked (an error names the value); changes nothing."""
         if not isinstance(state_dict, abc.Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         if len(state_dict) == 0:
@@ -465,19 +480,11 @@ class GradScaler:
         missing = [k for k in keys if k not in state_dict]
         if missing:
             raise KeyError(f"GradScaler state_dict lacks {missing}")
-        scale = _check_scale("scale", _plain(state_dict["scale"]), allow_zero=True)
-        growth_factor = _check_growth_factor(_plain(state_dict["growth_factor"]))
-        backoff_factor = _check_backoff_factor(_plain(state_dict["backoff_factor"]))
-        growth_interval = _check_interval(_plain(state_dict["growth_interval"]))
-        tracker = _check_tracker(_plain(state_dict["_growth_tracker"]))
-        self._init_scale = scale
-        self._growth_factor = growth_factor
-        self._backoff_factor = backoff_factor
-        self._growth_interval = growth_interval
-        self._init_growth_tracker = tracker
-        _utils.one_item(self._queue, "scaler_set", [None, np.float32, np.float32, _U, _U],
-                        [self._state.base_data, np.float32(scale), np.float32(tracker), _U(1),
-                         _U(0)], src="value")
+        return (_check_scale("scale", _plain(state_dict["scale"]), allow_zero=True),
+                _check_growth_factor(_plain(state_dict["growth_factor"])),
+                _check_backoff_factor(_plain(state_dict["backoff_factor"])),
+                _check_interval(_plain(state_dict["growth_interval"])),
+                _check_tracker(_plain(state_dict["_growth_tracker"])))
 
     def __getstate__(self):
         if self._enabled and self._per_optimizer_states:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -368,44 +367,38 @@ def select_optimizers(names=None):
 # ---------------------------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on stderr, silent unless stderr is a terminal."""
+    """A one-line tqdm progress bar on stderr, silent unless stderr is a terminal
+    (or tqdm, the ``bench`` extra, is not installed). ``done`` counts either way."""
 
     def __init__(self, total, enabled=True, stream=None):
         self.stream = stream or sys.stderr
         self.total = max(int(total), 1)
-        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.done = 0
-        self.label = ""
-        self._last_draw = 0.0
+        self.bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            # mininterval: redrawing on every step would cost time inside timed loops.
+            self.bar = tqdm(total=self.total, file=self.stream, leave=False, mininterval=0.1,
+                            dynamic_ncols=True, bar_format="{percentage:3.0f}% |{bar:24}| {desc}")
 
     def set_label(self, label):
-        self.label = label
-        self._draw(force=True)
+        if self.bar is not None:
+            self.bar.set_description_str(label)
 
     def advance(self, n=1):
-        self.done = min(self.done + n, self.total)
-        self._draw()
-
-    def _draw(self, force=False):
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        # Redrawing on every step would flood slow terminals and cost time inside timed loops.
-        if not force and now - self._last_draw < 0.1 and self.done < self.total:
-            return
-        self._last_draw = now
-        width = shutil.get_terminal_size((80, 20)).columns
-        frac = self.done / self.total
-        bar_width = 24
-        filled = int(bar_width * frac)
-        line = f"[{'#' * filled}{'.' * (bar_width - filled)}] {frac * 100:3.0f}% {self.label}"
-        self.stream.write("\r" + line[: width - 1].ljust(width - 1))
-        self.stream.flush()
+        n = min(n, self.total - self.done)
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.done == self.total:  # the throttled update may not have drawn the end
+                self.bar.refresh()
 
     def close(self):
-        if self.enabled:
-            self.stream.write("\r" + " " * (shutil.get_terminal_size((80, 20)).columns - 1) + "\r")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---------------------------------------------------------------------------

@@ -282,6 +282,24 @@ def test_progress_draws_on_a_terminal():
     assert "100%" in text and "flat adam netcl" in text and text.endswith("\r")
 
 
+def test_progress_counts_silently_without_tqdm(monkeypatch):
+    import io
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    stream = Tty()
+    p = bench.Progress(4, stream=stream)
+    p.set_label("x")
+    p.advance(3)
+    p.advance(3)
+    p.close()
+    assert p.done == 4 and stream.getvalue() == ""
+
+
 @requires_opencl
 def test_rows_say_unavailable_when_netcl_cannot_load(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "load_netcl",

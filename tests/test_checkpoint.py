@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cla
 import pytest
 
@@ -24,25 +22,15 @@ from netcl.optim.checkpoint_file import read_tensors, write_tensors
 
 from conftest import Mirror, assert_state_matches, make_queue
 from _kill import kill_mid_save
+from _new_process import device_env, resume_and_compare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _resume_worker as worker  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(worker.__file__)
 
 
-def _ctx_env(queue):
-    """Environment that makes the worker's netcl.default_queue() use this queue's device."""
-    device = queue.device
-    for p, platform in enumerate(cl.get_platforms()):
-        devices = platform.get_devices()
-        if device in devices:
-            ctx = f"{p}:{devices.index(device)}"
-            break
-    else:  # pragma: no cover
-        pytest.skip("device not found among the platforms")
-    return dict(os.environ, PYOPENCL_CTX=ctx, PYTHONPATH=str(REPO))
+_ctx_env = device_env
 
 
 def _snapshot(opt):
@@ -91,17 +79,9 @@ def test_resume_in_new_process_is_bit_exact(ctx_factory, tmp_path):
         ref.save(f"{base}.expected.safetensors")
         worker.save_params(f"{base}.expected.params.safetensors", ref_params)
 
-    done = subprocess.run([sys.executable, str(WORKER), "resume", str(tmp_path)],
-                          env=_ctx_env(queue), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"resumed {len(worker.VARIANTS)}"
-
+    resume_and_compare([WORKER, "resume", tmp_path], queue, tmp_path, worker.VARIANTS)
     for variant in worker.VARIANTS:
         base = tmp_path / variant
-        for suffix in (".safetensors", ".params.safetensors"):
-            got = Path(f"{base}.final{suffix}").read_bytes()
-            expected = Path(f"{base}.expected{suffix}").read_bytes()
-            assert got == expected, f"{variant}{suffix}: resumed run differs"
         tensors, meta = read_tensors(f"{base}.final.safetensors")
         if variant != "sgd":  # (plain SGD keeps no state at all)
             assert any(name.startswith("state.3.") for name in tensors)  # created after load

@@ -14,3 +14,6 @@ __all__ += ["CheckpointError", "load", "save"]
 from netcl.optim.flat import FlatParameters, flatten_
 
 __all__ += ["FlatParameters", "flatten_"]
+from netcl.optim import lr_scheduler
+
+__all__ += ["lr_scheduler"]

@@ -42,6 +42,10 @@ has no tensors.
     :class:`CheckpointError` naming the file and the tensor; one in the
     metadata (a hyperparameter, a step count, a shape), naming the header.
     :func:`read` and :func:`load` never see this entry.
+``schedulers`` and ``grad_scaler`` (optional)
+    present when :func:`save` was given LR schedulers or a GradScaler: JSON
+    of their state dicts (see :mod:`netcl.optim._training_state`). A reader
+    that does not know them loads the optimizer alone.
 
 Schema versions: schema 2 is schema 1 plus the checksums, which it requires:
 a schema-2 file without them is refused. Schema-1 files (netcl before
@@ -59,6 +63,7 @@ import json
 import numpy as np
 
 import netcl
+from netcl.optim import _training_state
 from netcl.optim.adam import Adam, AdamW
 from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
 from netcl.optim.rmsprop import RMSProp
@@ -89,21 +94,32 @@ _PARAM_KEYS = frozenset({"shape", "dtype", "step", "state"})
 
 
 # ------------------------------------------------------------------- saving
-def save(optimizer, path):
+def save(optimizer, path, *, schedulers=None, scaler=None):
     """Write ``optimizer``'s state to the safetensors file ``path``, atomically.
+
+    ``schedulers`` (a :mod:`netcl.optim.lr_scheduler` scheduler or a list of
+    them, all driving ``optimizer``) and ``scaler`` (a
+    :class:`netcl.amp.GradScaler`) are saved in the same file, so that
+    :func:`load` resumes the whole run from it. As in torch, functions
+    (``LambdaLR``'s lambdas, ``CyclicLR``'s ``scale_fn``) are not saved;
+    callable objects save their attributes.
 
     Waits for the device to finish the enqueued steps (the buffers are copied
     to the host). The parent directory must exist. Raises ``TypeError`` when a
-    parameter group holds a value JSON cannot store exactly (hyperparameters
-    are numbers, bools and tuples of numbers).
+    parameter group or a scheduler holds a value JSON cannot store exactly
+    (hyperparameters are numbers, bools and tuples of numbers); nothing is
+    written then.
     """
-    tensors, metadata = encode(optimizer)
+    tensors, metadata = encode(optimizer, schedulers=schedulers, scaler=scaler)
     write_tensors(path, tensors, metadata)
 
 
-def encode(optimizer):
+def encode(optimizer, *, schedulers=None, scaler=None):
     """The ``(tensors, metadata)`` pair :func:`save` writes (see the module doc);
     ``write_tensors`` adds the ``netcl.checksums`` entry."""
+    schedulers = _training_state.scheduler_list(schedulers)
+    _training_state.check_scaler(scaler)
+    _training_state.check_owner(optimizer, schedulers)
     state_dict = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tensors = {}
@@ -137,6 +153,7 @@ def encode(optimizer):
         "param_groups": _json(groups),
         "params": _json(described),
     }
+    metadata.update(_training_state.encode(schedulers, scaler))
     return tensors, metadata
 
 
@@ -151,16 +168,27 @@ def _json_value(value):
 
 
 # ------------------------------------------------------------------ loading
-def load(optimizer, path):
-    """Restore the state :func:`save` wrote to ``path`` into ``optimizer``.
+def load(optimizer, path, *, schedulers=None, scaler=None):
+    """Restore the state :func:`save` wrote to ``path`` into ``optimizer``
+    (and into ``schedulers`` and ``scaler``, when given).
 
     ``optimizer`` must be of the same class, over parameters with the same
     group structure, shapes and dtypes (and names, where both the file and the
     optimizer have them); it may be fresh (no step taken yet) or not. The
     file's hyperparameters replace the groups' current ones, as with
     :meth:`Optimizer.load_state_dict`, which does the state checks and the
-    loading. Every check happens before anything changes: on any error the
-    optimizer is left exactly as it was.
+    loading. Group keys the optimizer does not own (``'initial_lr'``,
+    ``'max_lr'``, ... that schedulers write) are restored too, as torch's
+    ``load_state_dict`` restores every group key.
+
+    ``schedulers`` and ``scaler`` are those of a fresh run built as before
+    (same scheduler classes and arguments, in the order given to
+    :func:`save`); the file must hold a state for each (a file with more
+    loads into fewer objects only if none are given: the optimizer alone).
+    Build the schedulers before loading, as with torch. Every check — the
+    optimizer's, each scheduler's state keys, the scaler's values — happens
+    before anything changes: on any error the optimizer, the schedulers and
+    the scaler are left exactly as they were.
 
     Raises :class:`CheckpointError` for a file that is truncated, corrupt
     (a checksum mismatch names the tensor), not a netcl optimizer checkpoint
@@ -169,7 +197,12 @@ def load(optimizer, path):
     ``TypeError`` naming the group, parameter, expected and found values for a
     file that does not fit this optimizer; ``OSError`` for I/O problems.
     """
+    schedulers = _training_state.scheduler_list(schedulers)
+    _training_state.check_scaler(scaler)
+    _training_state.check_owner(optimizer, schedulers)
     state_dict, info = read(path)
+    load_rest = _training_state.prepare(schedulers, scaler, info["schedulers"],
+                                        info["grad_scaler"], path)
     class_name = type(optimizer).__name__
     if info["optimizer"] != class_name:
         raise ValueError(f"{path}: checkpoint was written by {info['optimizer']}, "
@@ -210,6 +243,10 @@ def load(optimizer, path):
         optimizer.load_state_dict(state_dict)
     except (TypeError, ValueError) as exc:  # raised before anything changed
         raise type(exc)(f"{path}: {exc}") from None
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group.update({key: value for key, value in saved.items()
+                      if key not in optimizer.defaults and key not in ("params", "param_names")})
+    load_rest()
 
 
 def read(path):
@@ -218,8 +255,10 @@ def read(path):
     Returns ``(state_dict, info)``: ``state_dict`` in
     :meth:`Optimizer.state_dict`'s layout, ``info`` a dict with
     ``"optimizer"`` (class name), ``"schema_version"`` (of the file, before
-    migration), ``"netcl_version"`` and ``"params"`` (the per-parameter list
-    described in the module doc). Raises :class:`CheckpointError` for anything
+    migration), ``"netcl_version"``, ``"params"`` (the per-parameter list
+    described in the module doc), ``"schedulers"`` (a list of ``(class
+    name, state_dict)``, or None when the file has none) and
+    ``"grad_scaler"`` (a state dict, or None). Raises :class:`CheckpointError` for anything
     malformed or damaged (see :func:`load`).
     """
     tensors, metadata = read_tensors(path, require_checksums=_checksums_required)
@@ -315,8 +354,10 @@ def decode(tensors, metadata, path):
     if unexpected:
         raise bad(f"tensor {unexpected[0]!r} belongs to no parameter's state")
 
+    saved_schedulers, saved_scaler = _training_state.decode(metadata, bad)
     info = {"optimizer": metadata["optimizer"], "schema_version": file_version,
-            "netcl_version": metadata.get("netcl_version"), "params": params}
+            "netcl_version": metadata.get("netcl_version"), "params": params,
+            "schedulers": saved_schedulers, "grad_scaler": saved_scaler}
     return {"state": state, "param_groups": param_groups}, info
 
 
