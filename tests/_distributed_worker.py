@@ -219,8 +219,9 @@ def scenario_resume(queue, out, rank, size):
 
 
 def scenario_raise(queue, out, rank, size):
-    model, params, opt = make(queue, "dp_adam", dict(timeout=TIMEOUT))
-    train(queue, model, params, opt, rank, size, 0, 1, [])
+    model, params, opt = make(queue, "dp_adam", dict(timeout=60.0))
+    train(queue, model, params, opt, rank, size, 0, 1, [])  # builds the kernels
+    opt.comm.timeout = TIMEOUT
     print(f"rank {rank} stepped", flush=True)
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
@@ -231,7 +232,7 @@ def scenario_raise(queue, out, rank, size):
 def scenario_killsave(queue, out, rank, size):
     from netcl.optim import checkpoint_file
 
-    model, params, opt = make(queue, "zero_adamw", dict(timeout=TIMEOUT))
+    model, params, opt = make(queue, "zero_adamw", dict(timeout=60.0))
     train(queue, model, params, opt, rank, size, 0, 1, [])
     opt.save_sharded(out / "torn.safetensors")
     train(queue, model, params, opt, rank, size, 1, 2, [])
