@@ -3,6 +3,7 @@ checkpoints and matplotlib setup. Only NumPy, pyopencl, netcl and tqdm here."""
 
 import argparse
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pyopencl.array as cla
 
 import netcl.optim
+from netcl.optim import families
 from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
@@ -85,13 +87,22 @@ class Progress:
 
 
 # --------------------------------------------------------------- optimizers
-# Which command-line hyperparameters each optimizer takes (torch.optim names).
-OPTIMIZERS = {
-    "rmsprop": ("RMSProp", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
-    "adam": ("Adam", ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-    "adamw": ("AdamW", ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-    "sgd": ("SGD", ("lr", "momentum", "dampening", "weight_decay", "nesterov")),
-}
+# The torch.optim hyperparameters the examples take on the command line; each
+# optimizer accepts those its constructor has.
+CLI_HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "alpha", "eps", "centered", "betas",
+                       "amsgrad", "dampening", "nesterov")
+
+
+def _optimizers():
+    """--optim name -> (netcl.optim class name, the CLI hyperparameters it takes)."""
+    out = {}
+    for name, cls in families().items():
+        taken = inspect.signature(cls.__init__).parameters
+        out[name.lower()] = (name, tuple(p for p in CLI_HYPERPARAMETERS if p in taken))
+    return out
+
+
+OPTIMIZERS = _optimizers()
 
 
 def add_optimizer_args(parser, default="rmsprop", default_lr=None):
@@ -113,7 +124,7 @@ def add_optimizer_args(parser, default="rmsprop", default_lr=None):
                        help="adam, adamw")
     group.add_argument("--amsgrad", action="store_true", default=None, help="adam, adamw")
     group.add_argument("--dampening", type=float, help="sgd")
-    group.add_argument("--nesterov", action="store_true", default=None, help="sgd")
+    group.add_argument("--nesterov", action="store_true", default=None, help="rmsprop, sgd")
 
 
 def make_optimizer(parser, args, params, default_lr=None, distributed=False):
@@ -126,9 +137,8 @@ def make_optimizer(parser, args, params, default_lr=None, distributed=False):
     :class:`netcl.distributed.ZeroRedundancyOptimizer` of it (run under mpiexec).
     """
     class_name, accepted = OPTIMIZERS[args.optim]
-    given = {name: getattr(args, name) for name in
-             ("lr", "momentum", "weight_decay", "alpha", "eps", "centered", "betas",
-              "amsgrad", "dampening", "nesterov") if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in CLI_HYPERPARAMETERS
+             if getattr(args, name) is not None}
     wrong = sorted(set(given) - set(accepted))
     if wrong:
         flags = ", ".join("--" + name.replace("_", "-") for name in wrong)

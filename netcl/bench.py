@@ -41,6 +41,7 @@ import pyopencl as cl  # noqa: E402
 import pyopencl.array as cla  # noqa: E402
 
 from netcl.device import layout as device_layout  # noqa: E402
+from netcl.optim.optimizer import families  # noqa: E402
 
 DTYPE = np.dtype(np.float32)
 
@@ -334,21 +335,26 @@ class OptimConfig:
 
 
 LR = 1e-3
-OPTIMIZERS = (
-    # p, g, v read; p, v written
-    OptimConfig("rmsprop", "RMSProp", "RMSprop", dict(lr=LR), 5),
-    # p, g, v, grad_avg, buf read; p, v, grad_avg, buf written
-    OptimConfig("rmsprop-centered-mom", "RMSProp", "RMSprop",
-                dict(lr=LR, momentum=0.9, centered=True), 9),
-    # p, g, m, v read; p, m, v written
-    OptimConfig("adam", "Adam", "Adam", dict(lr=LR), 7),
-    OptimConfig("adamw", "AdamW", "AdamW", dict(lr=LR, weight_decay=1e-2), 7),
-    # adds max_v read and written
-    OptimConfig("amsgrad", "Adam", "Adam", dict(lr=LR, amsgrad=True), 9),
-    # p, g, buf read; p, buf written (plain SGD would be 3)
-    OptimConfig("sgd-nesterov", "SGD", "SGD",
-                dict(lr=LR, momentum=0.9, nesterov=True), 5),
-)
+
+
+def _words(cls, kwargs):
+    """float32-sized words an update moves per element: the parameter read
+    and written, the gradient read, each state buffer read and written."""
+    signature = inspect.signature(cls.__init__).parameters.values()
+    group = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
+    group.update(kwargs)
+    return 3 + 2 * len(cls._state_names(None, group))
+
+
+def _configs():
+    """One config per variant each family lists in ``benchmark_variants``."""
+    return tuple(OptimConfig(name, cls.__name__, cls.torch_name, dict(kwargs, lr=LR),
+                             _words(cls, kwargs))
+                 for cls in families().values()
+                 for name, kwargs in cls.benchmark_variants.items())
+
+
+OPTIMIZERS = _configs()
 OPTIMIZER_NAMES = tuple(c.name for c in OPTIMIZERS)
 
 

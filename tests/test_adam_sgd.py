@@ -520,7 +520,8 @@ def test_state_dict_round_trip(ctx_factory, cls, kwargs, dtype):
     for i in saved["state"]:
         assert set(saved["state"][i]) == set(tsd["state"][i])
     for group, tgroup in zip(saved["param_groups"], tsd["param_groups"]):
-        assert set(group) <= set(tgroup)
+        # Besides netcl's engine options (track_stats), torch's keys.
+        assert set(group) - set(cls.engine_options) <= set(tgroup)
         assert group["params"] == tgroup["params"]
 
     for p, c in zip(params, copies):
@@ -587,8 +588,8 @@ def test_signatures_match_torch():
         for name, parameter in ours.items():
             if name in ("self", "params"):
                 continue
-            if name in ("skip_nonfinite", "max_grad_norm"):  # netcl's step-engine options
-                assert parameter.kind == inspect.Parameter.KEYWORD_ONLY
+            if name == "options":  # netcl's engine options, keyword-only, to the base class
+                assert parameter.kind == inspect.Parameter.VAR_KEYWORD
                 continue
             assert name in theirs, (cls.__name__, name)
             assert parameter.default == theirs[name].default, (cls.__name__, name)
@@ -697,3 +698,21 @@ def test_sgd_nesterov_validation(ctx_factory, kwargs):
         SGD(params, **kwargs)
     with pytest.raises(ValueError, match="Nesterov"):
         torch.optim.SGD([torch.zeros(3)], **kwargs)
+
+
+def test_engine_options_reach_every_family(ctx_factory):
+    """Each family takes the engine's keyword-only options through to the base
+    class, and the family registry lists every family with its torch name."""
+    from netcl.optim import RMSProp, families
+    queue = _get_queue(ctx_factory)
+    assert {name: cls.torch_name for name, cls in families().items()} == {
+        "RMSProp": "RMSprop", "Adam": "Adam", "AdamW": "AdamW", "SGD": "SGD"}
+    for cls in (RMSProp, Adam, AdamW, SGD):
+        a, _ = make_params(queue, [(3,)], np.float32, 1)
+        opt = cls(a, skip_nonfinite=True, max_grad_norm=2.0, track_stats=True)
+        assert opt.skip_nonfinite and opt.max_grad_norm == 2.0
+        assert opt.param_groups[0]["track_stats"] is True
+        with pytest.raises(TypeError, match="track_stats"):
+            cls(a, track_stats="yes")
+        with pytest.raises(TypeError):
+            cls(a, not_an_option=1)

@@ -434,3 +434,18 @@ def test_lr_changes_never_build_a_kernel(ctx_factory, monkeypatch, name):
     assert len(builds) == first_step_builds, "a learning-rate change built a kernel"
     for p, t in zip(params, tensors):
         np.testing.assert_allclose(p.data.get(), t.detach().numpy(), rtol=2e-5, atol=2e-6)
+
+
+def test_optimizer_state_dict_carries_scheduler_group_keys(queue):
+    """As torch's load_state_dict, netcl's restores the keys schedulers add to
+    the groups, so a scheduler resumed with last_epoch >= 0 finds
+    'initial_lr'; torch's own options (foreach, ...) are not copied in."""
+    optimizer = netcl_optimizer(queue, "adam")
+    N.StepLR(optimizer, step_size=3)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["foreach"] = None
+    fresh = netcl_optimizer(queue, "adam")
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["initial_lr"] == optimizer.param_groups[0]["initial_lr"]
+    assert "foreach" not in fresh.param_groups[0]
+    N.StepLR(fresh, step_size=3, last_epoch=4)  # torch raises KeyError without initial_lr

@@ -11,6 +11,8 @@ real netcl optimizer with ``track_stats=True``.
 import gc
 import json
 import math
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -178,9 +180,24 @@ def test_bad_writers_and_scalars():
     assert t.calls == 0 and not opt.returned  # a rejected call counts nothing
 
 
-def test_missing_dependency_names_the_extra():
+def test_missing_dependency_names_the_extra(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"netcl\[nope\]"):
         require("netcl_no_such_module", "nope")
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # importing it now fails
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    with pytest.raises(ImportError, match=r"netcl\[tensorboard\]"):
+        TensorBoardWriter(tmp_path)
+    with pytest.raises(ImportError, match=r"netcl\[prometheus\]"):
+        PrometheusExporter(0)
+
+
+def test_core_imports_without_any_exporter_dependency():
+    blocked = ["tensorboardX", "tensorboard", "prometheus_client", "tqdm"]
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "import netcl.telemetry, netcl.optim, netcl.bench\n"
+            "assert not any(sys.modules.get(n) for n in " + repr(blocked) + ")\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def all_values(stats):
@@ -351,3 +368,4 @@ def test_record_lists_aggregates_then_parameters():
     assert sorted(map(repr, got)) == sorted(map(repr, expected))
     assert [(g, n) for g, n, _ in record.parameters()] == [
         (0, "fc1.weight"), (0, "fc1.bias"), (1, 0), (1, 1)]
+

@@ -1,9 +1,9 @@
 """OpenCL optimizers with torch.optim's names, defaults and semantics."""
 
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.optimizer import Optimizer, families
 from netcl.optim.rmsprop import RMSProp, RMSprop
 
-__all__ = ["Optimizer", "RMSProp", "RMSprop"]
+__all__ = ["Optimizer", "families", "RMSProp", "RMSprop"]
 from netcl.optim.adam import Adam, AdamW
 from netcl.optim.sgd import SGD
 

@@ -51,22 +51,27 @@ class Adam(Optimizer):
         maximize: maximise the objective instead of minimising it (default False).
         decoupled_weight_decay: decay the parameter directly (AdamW) instead of
             adding :math:`\lambda p` to the gradient (default False).
-        skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
+        skip_nonfinite, max_grad_norm, track_stats: the engine's options, see
+            :class:`netcl.optim.Optimizer`.
     """
 
     template = "adam.cl.mako"
+    torch_name = "Adam"
+    torch_hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+                             "decoupled_weight_decay")
+    torch_options = {"foreach": None, "capturable": False, "differentiable": False,
+                     "fused": None}
+    benchmark_variants = {"adam": {}, "amsgrad": dict(amsgrad=True)}
     scalar_names = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps",
                     "weight_decay_value", "decay_factor")
     factor_names = ("factor_lr", "factor_beta1", "factor_beta2")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 skip_nonfinite=False, max_grad_norm=None):
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, **options)
 
     def _validate_group(self, group):
         check_non_negative("learning rate", group["lr"])
@@ -109,11 +114,13 @@ class AdamW(Adam):
     ``weight_decay`` defaults to 1e-2 and decay is always decoupled.
     """
 
+    torch_name = "AdamW"
+    benchmark_variants = {"adamw": dict(weight_decay=1e-2)}
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None):
+                 amsgrad=False, *, maximize=False, **options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+                         decoupled_weight_decay=True, **options)
 
     def load_state_dict(self, state_dict):
         # As torch's AdamW, a loaded state never turns decoupled decay off.

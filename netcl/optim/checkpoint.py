@@ -64,10 +64,7 @@ import numpy as np
 
 import netcl
 from netcl.optim import _training_state
-from netcl.optim.adam import Adam, AdamW
 from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
-from netcl.optim.rmsprop import RMSProp
-from netcl.optim.sgd import SGD
 
 __all__ = ["CheckpointError", "SCHEMA_VERSION", "decode", "encode", "load", "read", "save",
            "torch_state_dict"]
@@ -408,21 +405,6 @@ def _from_json(key, value):
 
 
 # ------------------------------------------------------------ torch layout
-#: netcl class -> (torch.optim class name, hyperparameters both share, torch's
-#: other group keys with the defaults torch 2.13 gives them).
-_TORCH = {
-    RMSProp: ("RMSprop",
-              ("lr", "momentum", "alpha", "eps", "centered", "weight_decay", "maximize"),
-              {"capturable": False, "foreach": None, "differentiable": False}),
-    Adam: ("Adam",
-           ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
-            "decoupled_weight_decay"),
-           {"foreach": None, "capturable": False, "differentiable": False, "fused": None}),
-    SGD: ("SGD",
-          ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
-          {"foreach": None, "differentiable": False, "fused": None}),
-}
-_TORCH[AdamW] = ("AdamW",) + _TORCH[Adam][1:]
 
 
 def torch_state_dict(optimizer, state_dict=None):
@@ -436,10 +418,10 @@ def torch_state_dict(optimizer, state_dict=None):
     default is left out; at any other value torch cannot reproduce the
     optimizer and ``ValueError`` says so.
     """
-    spec = next((_TORCH[cls] for cls in type(optimizer).__mro__ if cls in _TORCH), None)
-    if spec is None:
+    torch_name = type(optimizer).torch_name
+    if torch_name is None:
         raise ValueError(f"{type(optimizer).__name__} has no torch.optim counterpart")
-    torch_name, shared, extras = spec
+    shared, extras = optimizer.torch_hyperparameters, optimizer.torch_options
     if state_dict is None:
         state_dict = optimizer.state_dict()
     signature = inspect.signature(type(optimizer).__init__).parameters
@@ -448,7 +430,8 @@ def torch_state_dict(optimizer, state_dict=None):
         converted = {}
         for key, value in group.items():
             if key in optimizer.defaults and key not in shared:
-                default = signature[key].default if key in signature else None
+                default = signature[key].default if key in signature else \
+                    optimizer.engine_options.get(key)
                 if not _same(value, default):
                     raise ValueError(
                         f"parameter group {g}: {key}={value!r} has no equivalent in "

@@ -18,13 +18,24 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine, hooks as _hooks
+from netcl.optim import _engine, checkpoint, hooks as _hooks
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
 # every step uses one plan per (group, dtype); steps with missing gradients
 # each need their own, and the least recently used is dropped past this.
 _PLAN_CACHE_SIZE = 32
+
+
+# Every optimizer family, by class name, in definition order (see families()).
+_FAMILIES = {}
+
+
+def families():
+    """The optimizer families: ``{class name: class}``, e.g. ``{'RMSProp': RMSProp,
+    'Adam': Adam, 'AdamW': AdamW, 'SGD': SGD}``. Defining a subclass of
+    :class:`Optimizer` with a ``template`` (or a ``torch_name``) adds it."""
+    return dict(_FAMILIES)
 
 
 def _describe(index, name):
@@ -210,12 +221,32 @@ class Optimizer:
     Either adds one reduction pass that reads the gradients; step counts live
     on the device and ``state[...]['step']`` reads them (a sync).
 
-    Subclasses define ``template``, ``scalar_names``, ``factor_names`` and
-    the hooks ``_validate_group``, ``_state_names``, ``_initial_state``,
-    ``_kernel_flags`` and ``_scalar_args``.
+    ``track_stats=True`` (also a per-group key) makes each step also compute
+    training statistics inside its update pass — gradient, parameter, update
+    and state norms, non-finite and zero counts, the effective learning
+    rate's range — read with :meth:`stats` (see wiki/Telemetry.md).
+
+    A family subclasses this with one module and one template: it defines
+    ``template``, ``scalar_names``, ``factor_names``, the hooks
+    ``_validate_group``, ``_state_names``, ``_initial_state``,
+    ``_kernel_flags`` and ``_scalar_args``, and describes itself with
+    ``torch_name``/``torch_hyperparameters``/``torch_options`` (the
+    torch.optim counterpart, for ``state_dict(format="torch")``) and
+    ``benchmark_variants``; it is then listed by :func:`families` — the
+    checkpoints, the benchmark and the examples take their lists from there.
     """
 
     template = None
+    #: The engine's options every family accepts (keyword-only), with defaults.
+    #: ``track_stats`` is also a per-group key.
+    engine_options = {"skip_nonfinite": False, "max_grad_norm": None, "track_stats": False}
+    #: The torch.optim class this family matches, the hyperparameters both
+    #: share, and torch's other group keys with the defaults torch 2.13 gives them.
+    torch_name = None
+    torch_hyperparameters = ()
+    torch_options = {}
+    #: Name -> keyword arguments of the variants ``python -m netcl.bench`` times.
+    benchmark_variants = {}
     #: Hyperparameter kernel arguments in the state dtype, as torch rounds
     #: Python scalars for its tensor ops.
     scalar_names = ()
@@ -228,9 +259,15 @@ class Optimizer:
     #: whose group then needs no state buffers gets no state entry at all.
     step_in_state = True
 
-    def __init__(self, params, defaults, *, skip_nonfinite=False, max_grad_norm=None):
-        self.defaults = dict(defaults)
-        self._validate_group(self.defaults)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "template" in vars(cls) or "torch_name" in vars(cls):
+            _FAMILIES[cls.__name__] = cls
+
+    def __init__(self, params, defaults, *, skip_nonfinite=False, max_grad_norm=None,
+                 track_stats=False):
+        self.defaults = dict(defaults, track_stats=track_stats)
+        self._check_group(self.defaults)
         check_flag("skip_nonfinite", skip_nonfinite)
         if max_grad_norm is not None:
             check_non_negative("max_grad_norm", max_grad_norm)
@@ -330,7 +367,7 @@ class Optimizer:
                              f"{type(self).__name__}")
         for key, value in self.defaults.items():
             group.setdefault(key, value)
-        self._validate_group(group)
+        self._check_group(group)
         group["params"] = params
         if names is not None:
             group["param_names"] = names
@@ -393,6 +430,11 @@ class Optimizer:
         return data.context
 
     # ------------------------------------------------------------------ hooks
+    def _check_group(self, group):
+        """The engine's group keys, then the family's :meth:`_validate_group`."""
+        check_flag("track_stats", group.get("track_stats", False))
+        self._validate_group(group)
+
     def _validate_group(self, group):
         """Raise ValueError naming any hyperparameter out of range."""
         raise NotImplementedError
@@ -585,8 +627,10 @@ class Optimizer:
         """Per group: (kernel flags, scalar argument values), validated."""
         out = []
         for group in self.param_groups:
-            self._validate_group(group)
-            out.append((self._kernel_flags(group), tuple(self._scalar_args(group))))
+            self._check_group(group)
+            flags = self._kernel_flags(group)
+            flags["track_stats"] = bool(group.get("track_stats", False))
+            out.append((flags, tuple(self._scalar_args(group))))
         return out
 
     def _groups_key(self, groups):
@@ -871,7 +915,6 @@ class Optimizer:
         if format not in ("netcl", "torch"):
             raise ValueError(f"format must be 'netcl' or 'torch', got {format!r}")
         if format == "torch":
-            from netcl.optim import checkpoint
             return checkpoint.torch_state_dict(self, self.state_dict())
         for hook in list(self._state_dict_pre_hooks.values()):
             hook(self)
@@ -956,9 +999,13 @@ class Optimizer:
                 raise ValueError(f"parameter group {g}: parameter names {list(saved_names)} "
                                  f"do not match {group['param_names']}")
             merged = dict(group)
-            merged.update({k: v for k, v in saved.items() if k in self.defaults})
+            # Every saved group key but torch's own options (foreach, fused,
+            # ...): hyperparameters, and keys schedulers add (initial_lr, ...).
+            merged.update({k: v for k, v in saved.items()
+                           if k not in ("params", "param_names")
+                           and (k in self.defaults or k not in self._torch_only_keys)})
             try:
-                self._validate_group(merged)
+                self._check_group(merged)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"parameter group {g}: {exc}") from None
             new_groups.append(merged)
@@ -1056,15 +1103,17 @@ class Optimizer:
             raise ValueError(f"{where}: step {step!r} is too large (step counts are 32-bit)")
         return int(step)
 
-    def save(self, path):
-        """Write the state to a safetensors file, atomically (:func:`netcl.optim.save`)."""
-        from netcl.optim import checkpoint
-        checkpoint.save(self, path)
+    #: torch.optim group keys netcl has no use for: never copied into a group.
+    _torch_only_keys = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
-    def load(self, path):
+    def save(self, path, *, schedulers=None, scaler=None):
+        """Write the state (and the schedulers' and scaler's) to a safetensors
+        file, atomically (:func:`netcl.optim.save`)."""
+        checkpoint.save(self, path, schedulers=schedulers, scaler=scaler)
+
+    def load(self, path, *, schedulers=None, scaler=None):
         """Restore a file written by :meth:`save`, checked first (:func:`netcl.optim.load`)."""
-        from netcl.optim import checkpoint
-        checkpoint.load(self, path)
+        checkpoint.load(self, path, schedulers=schedulers, scaler=scaler)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

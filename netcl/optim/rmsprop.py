@@ -105,13 +105,20 @@ class RMSProp(Optimizer):
         clamp_variance: with ``centered``, replace a negative :math:`s` (only
             reachable through rounding) by 0 before the root; NaN stays NaN
             (default False). No effect without ``centered``.
-        skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
+        skip_nonfinite, max_grad_norm, track_stats: the engine's options, see
+            :class:`netcl.optim.Optimizer`.
 
     :meth:`from_preset` builds the optimizer with another framework's defaults
     and conventions (see :attr:`PRESETS`).
     """
 
     template = "rmsprop.cl.mako"
+    torch_name = "RMSprop"
+    torch_hyperparameters = ("lr", "momentum", "alpha", "eps", "centered", "weight_decay",
+                             "maximize")
+    torch_options = {"capturable": False, "foreach": None, "differentiable": False}
+    benchmark_variants = {"rmsprop": {},
+                          "rmsprop-centered-mom": dict(momentum=0.9, centered=True)}
     scalar_names = ("lr", "alpha", "one_minus_alpha", "eps",
                     "weight_decay_value", "momentum_value", "decay_factor")
     factor_names = ("factor_alpha",)
@@ -141,7 +148,7 @@ class RMSProp(Optimizer):
                  momentum=0.0, centered=False, maximize=False, *, eps_in_sqrt=False,
                  initial_scale=0.0, lr_in_momentum=False, nesterov=False,
                  bias_correction=False, decoupled_weight_decay=False, clamp_variance=False,
-                 skip_nonfinite=False, max_grad_norm=None):
+                 **options):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, maximize=maximize,
                         eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale,
@@ -149,8 +156,7 @@ class RMSProp(Optimizer):
                         bias_correction=bias_correction,
                         decoupled_weight_decay=decoupled_weight_decay,
                         clamp_variance=clamp_variance)
-        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, **options)
 
     @classmethod
     def from_preset(cls, name, params, **overrides):
@@ -163,7 +169,7 @@ class RMSProp(Optimizer):
         if not isinstance(name, str) or name not in cls.PRESETS:
             raise ValueError(f"unknown RMSProp preset {name!r}; "
                              f"valid presets: {', '.join(cls.PRESETS)}")
-        unknown = set(overrides) - set(cls.PRESETS[name]) - {"skip_nonfinite", "max_grad_norm"}
+        unknown = set(overrides) - set(cls.PRESETS[name]) - set(cls.engine_options)
         if unknown:
             raise TypeError(f"unknown RMSProp option(s) {sorted(unknown)}")
         kwargs = dict(cls.PRESETS[name])

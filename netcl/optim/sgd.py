@@ -41,19 +41,24 @@ class SGD(Optimizer):
         nesterov: Nesterov momentum; needs momentum > 0 and dampening 0
             (default False).
         maximize: maximise the objective instead of minimising it (default False).
-        skip_nonfinite, max_grad_norm: see :class:`netcl.optim.Optimizer`.
+        skip_nonfinite, max_grad_norm, track_stats: the engine's options, see
+            :class:`netcl.optim.Optimizer`.
     """
 
     template = "sgd.cl.mako"
+    torch_name = "SGD"
+    torch_hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov",
+                             "maximize")
+    torch_options = {"foreach": None, "differentiable": False, "fused": None}
+    benchmark_variants = {"sgd-nesterov": dict(momentum=0.9, nesterov=True)}
     scalar_names = ("lr", "weight_decay_value", "momentum_value", "one_minus_dampening")
     step_in_state = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, skip_nonfinite=False, max_grad_norm=None):
+                 nesterov=False, *, maximize=False, **options):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite,
-                         max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, **options)
 
     def _validate_group(self, group):
         check_non_negative("learning rate", group["lr"])
