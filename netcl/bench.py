@@ -756,6 +756,9 @@ def parse_args(argv=None):
                     help="skip the step-engine rows (host cost per step, fused epilogue)")
     ap.add_argument("--json", metavar="PATH", help="also write rows and machine info here")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--distributed", action="store_true",
+                    help="instead: netcl.distributed's all-reduce, step time, scaling and "
+                         "per-rank state memory, under mpiexec (see netcl.bench_distributed)")
     args = ap.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -934,6 +937,9 @@ def report(result, stream=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.distributed:
+        from netcl import bench_distributed
+        return bench_distributed.main(argv if argv is not None else sys.argv[1:])
     result = run(args, progress_enabled=not args.no_progress)
     report(result)
     if args.json:
