@@ -127,12 +127,14 @@ def add_optimizer_args(parser, default="rmsprop", default_lr=None):
     group.add_argument("--nesterov", action="store_true", default=None, help="rmsprop, sgd")
 
 
-def make_optimizer(parser, args, params, default_lr=None):
+def make_optimizer(parser, args, params, default_lr=None, distributed=False):
     """Build ``args.optim`` over ``params`` from the flags that were given.
 
     A flag the chosen optimizer does not take is an error rather than being
     silently ignored; ``default_lr`` maps an optimizer name to the lr this
-    example uses when --lr is not given.
+    example uses when --lr is not given. ``distributed``: True wraps it in
+    :class:`netcl.distributed.DistributedOptimizer`, ``"zero"`` builds a
+    :class:`netcl.distributed.ZeroRedundancyOptimizer` of it (run under mpiexec).
     """
     class_name, accepted = OPTIMIZERS[args.optim]
     given = {name: getattr(args, name) for name in CLI_HYPERPARAMETERS
@@ -146,8 +148,17 @@ def make_optimizer(parser, args, params, default_lr=None):
         given["betas"] = tuple(given["betas"])
     if "lr" not in given and default_lr and args.optim in default_lr:
         given["lr"] = default_lr[args.optim]
+    optimizer_class = getattr(netcl.optim, class_name)
+    if distributed:
+        try:
+            import netcl.distributed as dist
+        except ImportError as exc:
+            parser.error(str(exc))
     try:
-        return getattr(netcl.optim, class_name)(params, **given)
+        if distributed == "zero":
+            return dist.ZeroRedundancyOptimizer(params, optimizer_class, **given)
+        optimizer = optimizer_class(params, **given)
+        return dist.DistributedOptimizer(optimizer) if distributed else optimizer
     except (TypeError, ValueError) as exc:
         parser.error(f"{class_name}: {exc}")
 
@@ -170,7 +181,12 @@ def save_checkpoint(path, optimizer, params, extra):
     """Write ``optimizer``'s state, ``params``' values and ``extra`` (a JSON-able dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    netcl.optim.save(optimizer, path)
+    if hasattr(optimizer, "world_size"):  # netcl.distributed: collective, rank 0 writes
+        optimizer.save(path)
+        if optimizer.rank != 0:
+            return path  # the parameters are the same on every rank
+    else:
+        netcl.optim.save(optimizer, path)
     tensors = {f"param.{i}": p.data.get() for i, p in enumerate(params)}
     write_tensors(params_path(path), tensors,
                   {"optimizer_sha256": _sha256(path),
@@ -197,7 +213,9 @@ def load_checkpoint(path, optimizer, params):
             found = "nothing" if value is None else f"{value.dtype}{list(value.shape)}"
             raise ValueError(f"{params_path(path)}: parameter {i} is {found}, "
                              f"the model's is {p.dtype}{list(p.shape)}")
-    netcl.optim.load(optimizer, path)  # checks the optimizer file before changing anything
+    # Checks the optimizer file before changing anything (collective when distributed).
+    (optimizer.load if hasattr(optimizer, "world_size") else
+     lambda p: netcl.optim.load(optimizer, p))(path)
     for p, value in zip(params, values):
         p.data.set(value)
     return json.loads(metadata["extra"])

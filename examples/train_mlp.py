@@ -12,6 +12,12 @@ back for the progress bar and the plot.
     python examples/train_mlp.py --optim sgd --lr 0.05 --momentum 0.9 --nesterov
     python examples/train_mlp.py --epochs 10 --save ck.safetensors
     python examples/train_mlp.py --epochs 20 --resume ck.safetensors   # continues to epoch 20
+    mpiexec -n 2 python examples/train_mlp.py --distributed   # data parallel over 2 ranks
+    mpiexec -n 2 python examples/train_mlp.py --zero          # ... with sharded state
+
+Under mpiexec (netcl[mpi]) every rank takes its slice of each mini-batch and
+the gradients are averaged (netcl.distributed), so the run follows the
+single-process one to float32 rounding; rank 0 prints and plots.
 
 Writes ``loss_<optim>.png`` (training loss per step, test accuracy per epoch)
 to --out and prints the held-out accuracy.
@@ -47,6 +53,11 @@ def parse_args(argv=None):
     parser.add_argument("--resume", type=Path, metavar="PATH",
                         help="continue from a checkpoint (its hyperparameters win); "
                         "--epochs/--steps count from step 0")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--distributed", action="store_true",
+                      help="data parallel under mpiexec: average gradients over the ranks")
+    mode.add_argument("--zero", action="store_true",
+                      help="as --distributed, with the optimizer state sharded (ZeRO-1)")
     _common.add_optimizer_args(parser, default_lr=DEFAULT_LR)
     args = parser.parse_args(argv)
     _common.positive(parser, args, "epochs", "batch_size", "steps")
@@ -98,15 +109,21 @@ def main(argv=None):
     xd_test = _common.to_device(queue, x_test)
     model = build_model(queue, [x_train.shape[1], *args.hidden, 10], args.seed)
     params = model.parameters()
-    opt = _common.make_optimizer(parser, args, params, DEFAULT_LR)
+    opt = _common.make_optimizer(parser, args, params, DEFAULT_LR,
+                                 distributed="zero" if args.zero else args.distributed)
+    rank, ranks = getattr(opt, "rank", 0), getattr(opt, "world_size", 1)
+    if batch % ranks:
+        parser.error(f"--batch-size {batch} must divide evenly over {ranks} ranks")
+    rows = batch // ranks  # this rank's slice of every mini-batch
 
     step, history = 0, {"loss": [], "test_accuracy": []}
     if args.resume:
         extra = _common.load_checkpoint(args.resume, opt, params)
         step, history = extra["step"], extra["history"]
-        print(f"resumed from {args.resume} at step {step}", file=sys.stderr)
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {step}", file=sys.stderr)
 
-    progress = _common.Progress(total_steps, f"{args.optim:8s}", args.progress)
+    progress = _common.Progress(total_steps, f"{args.optim:8s}", args.progress and rank == 0)
     progress.update(min(step, total_steps))
     order = None
     while step < total_steps:
@@ -116,7 +133,8 @@ def main(argv=None):
             # run sees exactly the batches an uninterrupted one would.
             permutation = np.random.default_rng([args.seed, epoch]).permutation(n_train)
             order = _common.to_device(queue, permutation, np.int32)
-        index = order[position * batch:(position + 1) * batch]
+        first = position * batch + rank * rows
+        index = order[first:first + rows]
         xb, yb = nn.take_rows(xd_train, index), nn.take_rows(yd_train, index)
 
         opt.zero_grad()
@@ -136,13 +154,18 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     if args.save:
         _common.save_checkpoint(args.save, opt, params, {"step": step, "history": history})
+    name = type(opt).__name__ if ranks == 1 else \
+        f"{type(opt.optim).__name__} ({type(opt).__name__}, {ranks} ranks)"
+    if rank != 0:
+        return {"optimizer": name, "steps": step, "seconds": seconds,
+                "test_accuracy": test_accuracy, "train_accuracy": train_accuracy}
     plot = plot_history(history, args, steps_per_epoch)
-    print(f"{type(opt).__name__} on {queue.device.name.strip()}: {step} steps "
+    print(f"{name} on {queue.device.name.strip()}: {step} steps "
           f"({step / steps_per_epoch:.1f} epochs of {batch}) in {seconds:.1f} s; "
           f"train accuracy {train_accuracy:.2%}, held-out accuracy {test_accuracy:.2%} "
           f"({len(y_test)} images)")
     print(f"loss curve: {plot}")
-    return {"optimizer": type(opt).__name__, "steps": step, "seconds": seconds,
+    return {"optimizer": name, "steps": step, "seconds": seconds,
             "test_accuracy": test_accuracy, "train_accuracy": train_accuracy,
             "losses": history["loss"], "plot": plot,
             "params": [p.data.get() for p in params]}

@@ -5,7 +5,8 @@ Adam and AdamW, in the operation order of torch.optim's _single_tensor_adam
 torch's CPU kernels fuse: add with alpha, addcmul and lerp. addcdiv, mul and
 div by a scalar are not fused there and are not fused here.
 
-Flags: maximize, weight_decay (coupled: g += wd * p), decoupled (AdamW:
+Flags: track_stats (the skeleton's; update() then assigns effective_lr),
+maximize, weight_decay (coupled: g += wd * p), decoupled (AdamW:
 p *= 1 - lr * wd; only with weight_decay), amsgrad (booleans).
 Scalars (computed on the host in float64, then rounded to the state type as
 torch rounds Python scalars): one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -42,6 +43,10 @@ tensor's neg_step_size (-lr / (1 - beta1^t)) and bias_correction2_sqrt
         ${T} denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps;
 % else:
         ${T} denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps;
+% endif
+% if track_stats:
+        // The factor that multiplies exp_avg.
+        ${T} effective_lr = -neg_step_size / denom;
 % endif
         // p.addcdiv_(exp_avg, denom, value=-step_size)
         p = p + (neg_step_size * exp_avg) / denom;

@@ -36,6 +36,13 @@ non-finite gradient does; g is multiplied by control[1], the gradient
 unscale factor, then by control[2], the clipping coefficient — two roundings,
 as torch's GradScaler.unscale_ followed by clip_grad_norm_).
 
+track_stats (with second_moment, momentum_state: the state names whose
+squares are summed, or None; effective_lr: the family's update() assigns
+the local effective_lr; local_size: work-items per group) also accumulates
+the step's statistics (track_stats.cl.mako) and writes one row of them per
+work-group to stats_out, also on a skipped step (gradient and parameter
+statistics only).
+
 Work-items of a group stride through the chunk together: on a GPU that
 coalesces; on a CPU the host launches one work-item per group, which PoCL
 runs as a plain loop.
@@ -44,6 +51,7 @@ runs as a plain loop.
     from netcl.optim._engine import ROW, FOUND_INF, UNSCALE, CLIP_COEF
     from netcl.optim import _quantize
 %>
+<%namespace name="stats" file="track_stats.cl.mako"/>
 <%
     W = vector_width
 
@@ -142,6 +150,12 @@ runs as a plain loop.
 % endif
 % if guard:
         g = g * unscale;
+% endif
+% if track_stats and phase != "measure":
+${stats.gradient(T, width)}
+${stats.before(T, width)}
+% endif
+% if guard:
         g = g * clip_coef;
 % endif
 ${self.update(T)}
@@ -154,6 +168,9 @@ ${stores(T, width)}
 % endif
 </%def>
 <%def name="stores(T, width)">
+% if track_stats:
+${stats.after(T, width, second_moment, momentum_state, effective_lr)}
+% endif
 % if master_weights:
         ${store("p", "master_param_ptr", "float", state_t, width)}
 % endif
@@ -266,6 +283,26 @@ inline uchar netcl_quantize(__constant const float *map, const float x)
 }
 % endif
 
+<%def name="skipped_element(width)">
+<% T = vec(state_t, width) %>\
+        ${T} p = ${load("p_ptr", param_format, state_t, width)};
+        ${T} g = ${load("g_ptr", param_format, state_t, width)};
+        g = g * unscale;
+${stats.gradient(T, width)}
+${stats.before(T, width)}
+</%def>
+<%def name="loops(body)">
+    const uint n_vec = count / ${W};
+    for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
+        const uint at = i * ${W};
+${body(W)}
+    }
+% if W > 1:
+    for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
+${body(1)}
+    }
+% endif
+</%def>
 <%def name="factors()"></%def>
 __kernel void optimizer_step(
     ${",\n    ".join(declarations)})
@@ -277,8 +314,11 @@ __kernel void optimizer_step(
 % if guard:
     // Decided on the device by this step's reduction pass: a non-finite
     // gradient anywhere skips the whole step.
-    if (control[${FOUND_INF}] != 0.0f)
+    const bool skipped = control[${FOUND_INF}] != 0.0f;
+  % if not track_stats:
+    if (skipped)
         return;
+  % endif
     const ${state_t} unscale = (${state_t})control[${UNSCALE}];
     const ${state_t} clip_coef = (${state_t})control[${CLIP_COEF}];
 % endif
@@ -319,6 +359,16 @@ ${self.factors()}
         return;
     }
 
+% if track_stats:
+${stats.declare(vec(state_t), state_t, W, factor_t, local_size)}
+% endif
+% if guard and track_stats:
+    if (skipped) {  // nothing changes; the statistics still show why
+${loops(skipped_element)}
+${stats.write(W, factor_t, local_size)}
+        return;
+    }
+% endif
 % if quantized:
     // A work-item owns whole blocks (a row starts on a block boundary): it
     // computes the block's new state once for the new scales, then again,
@@ -345,15 +395,9 @@ ${element(1, "store")}
   % endfor
     }
 % else:
-    const uint n_vec = count / ${W};
-    for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
-        const uint at = i * ${W};
-${element(W)}
-    }
-  % if W > 1:
-    for (uint at = n_vec * ${W} + get_local_id(0); at < count; at += get_local_size(0)) {
-${element(1)}
-    }
-  % endif
+${loops(element)}
+% endif
+% if track_stats:
+${stats.write(W, factor_t, local_size)}
 % endif
 }

@@ -6,7 +6,8 @@ torch.optim.RMSprop's. The fma calls sit exactly where torch's CPU kernels
 fuse (add with alpha, addcmul, lerp), so float32 results agree with torch bit
 for bit on almost every element; everything else is rounded step by step.
 
-Flags (booleans): maximize, weight_decay, centered, momentum, eps_in_sqrt,
+Flags (booleans): track_stats (the skeleton's; update() then assigns
+effective_lr = lr / avg, the factor that multiplies g), maximize, weight_decay, centered, momentum, eps_in_sqrt,
 bias_correction, decoupled (only with weight_decay), clamp_variance (only
 with centered), lr_in_momentum and nesterov (only with momentum). With the
 last six off, the body is torch's.
@@ -62,6 +63,9 @@ decay_factor (1 - lr * wd), computed on the host in float64; factor_alpha
         ${T} avg = sqrt(${s} + eps);
 % else:
         ${T} avg = sqrt(${s}) + eps;
+% endif
+% if track_stats:
+        ${T} effective_lr = lr / avg;
 % endif
 % if momentum:
 <% u = "(lr * g) / avg" if lr_in_momentum else "g / avg" %>\

@@ -756,6 +756,9 @@ def parse_args(argv=None):
                     help="skip the step-engine rows (host cost per step, fused epilogue)")
     ap.add_argument("--json", metavar="PATH", help="also write rows and machine info here")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--distributed", action="store_true",
+                    help="instead: netcl.distributed's all-reduce, step time, scaling and "
+                         "per-rank state memory, under mpiexec (see netcl.bench_distributed)")
     args = ap.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -818,7 +821,7 @@ def _engine_rows(netcl, queue, torch, loads, args, progress):
     counts = (100, 1_000) if args.quick else bench_engine.HOST_TENSOR_COUNTS
     rows = bench_engine.host_rows(netcl, queue, steps=max(3, args.steps), counts=counts)
     for w in loads:
-        if w.name not in ("resnet50", "bert"):
+        if w.name not in ("resnet50", "bert", "flat"):
             continue
         progress.set_label(f"engine: {w.name} epilogue")
         rows += bench_engine.epilogue_rows(netcl, queue, torch, w, _host_data(w), args.steps,
@@ -934,6 +937,9 @@ def report(result, stream=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.distributed:
+        from netcl import bench_distributed
+        return bench_distributed.main(argv if argv is not None else sys.argv[1:])
     result = run(args, progress_enabled=not args.no_progress)
     report(result)
     if args.json:

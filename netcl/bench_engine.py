@@ -9,7 +9,8 @@ array for every tensor (``new``), and after :func:`netcl.optim.flatten_`
 
 Epilogue: one training step's optimizer work on a model's shapes — netcl's
 plain Adam step; the same with ``skip_nonfinite`` (the guard: one extra read
-of the gradients); and the full epilogue, GradScaler + ``max_grad_norm`` +
+of the gradients); with ``track_stats`` (statistics from the update pass:
+no extra memory traffic); and the full epilogue, GradScaler + ``max_grad_norm`` +
 Adam fused into the step. torch does the same with ``GradScaler.unscale_``,
 ``clip_grad_norm_(foreach=True)``, fused Adam and ``GradScaler.update``.
 """
@@ -113,6 +114,7 @@ def epilogue_rows(netcl, queue, torch, workload, host_views, steps, warmup, tick
 
     variants = [("netcl plain step", dict(), None),
                 ("netcl skip_nonfinite", dict(skip_nonfinite=True), None),
+                ("netcl track_stats", dict(track_stats=True), None),
                 ("netcl scaler+clip+step", dict(max_grad_norm=MAX_NORM), "scaler")]
     for impl, kwargs, scaler_kind in variants:
         params = netcl_params()

@@ -161,7 +161,13 @@ VARIANTS = [
     # The step engine's guarded steps: grad_stats, finalize, advance.
     ("adam", "skip_nonfinite", Adam, dict(skip_nonfinite=True), False),
     ("rmsprop", "max_grad_norm", RMSProp, dict(momentum=0.9, max_grad_norm=0.5), False),
+    # Statistics written from the update pass, also on a guarded step.
+    ("adam", "track_stats+skip_nonfinite", Adam, dict(track_stats=True, skip_nonfinite=True),
+     False),
+    ("rmsprop", "track_stats+centered+momentum", RMSProp,
+     dict(track_stats=True, centered=True, momentum=0.9), False),
     ("sgd", "plain", SGD, dict(lr=0.1), True),
+    ("sgd", "track_stats+momentum", SGD, dict(lr=0.1, momentum=0.9, track_stats=True), False),
     ("sgd", "skip+clip", SGD,
      dict(lr=0.1, momentum=0.9, skip_nonfinite=True, max_grad_norm=0.5), False),
     ("sgd", "momentum", SGD, dict(lr=0.1, momentum=0.9), True),

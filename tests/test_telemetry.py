@@ -369,3 +369,83 @@ def test_record_lists_aggregates_then_parameters():
     assert [(g, n) for g, n, _ in record.parameters()] == [
         (0, "fc1.weight"), (0, "fc1.bias"), (1, 0), (1, 1)]
 
+
+# ------------------------------------------------------------------ a real optimizer
+
+def real_adam(ctx_factory, every, writers):
+    from netcl import Parameter
+    from netcl.optim import Adam
+
+    queue = cl.CommandQueue(ctx_factory())
+    rng = np.random.default_rng(3)
+    host = {"w": rng.standard_normal((6, 5)).astype(np.float32),
+            "b": rng.standard_normal(5).astype(np.float32)}
+    params = {k: Parameter(cla.to_device(queue, v)) for k, v in host.items()}
+    opt = Adam(list(params.items()), lr=1e-2, track_stats=True)
+    telemetry = Telemetry(opt, writers, every=every)
+    grads = []
+
+    def set_grads():
+        g = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+        for k, p in params.items():
+            p.grad = cla.to_device(queue, g[k])
+        grads.append(g)
+
+    return queue, opt, telemetry, set_grads, grads
+
+
+def test_real_optimizer_through_the_step_post_hook(ctx_factory, tmp_path):
+    path = tmp_path / "stats.jsonl"
+    queue, opt, telemetry, set_grads, grads = real_adam(ctx_factory, 2, [JSONLinesWriter(path)])
+    telemetry.attach()
+    for _ in range(4):
+        set_grads()
+        opt.step()
+    telemetry.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert [line["optimizer_step"] for line in lines] == [2, 4]
+    for line, g in zip(lines, (grads[1], grads[3])):
+        # float64 oracle: the global norm of the gradients the step read
+        expected = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in g.values()))
+        assert line["global"]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+        assert line["global"]["numel"] == 35 and line["skipped"] is False
+        params = line["groups"]["0"]["params"]
+        assert set(params) == {"w", "b"}
+        assert params["w"]["grad_norm"] == pytest.approx(float(np.linalg.norm(
+            g["w"].astype(np.float64))), rel=1e-5)
+
+
+def test_unwritten_steps_never_wait_for_the_device(ctx_factory):
+    out = ListWriter()
+    queue, opt, telemetry, set_grads, _ = real_adam(ctx_factory, 3, [out])
+    loss = cla.to_device(queue, np.array([0.5], np.float32))
+    set_grads()
+    opt.step()
+    telemetry.log(loss=loss)  # step 1: builds everything, writes nothing
+    queue.finish()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a host sync")
+
+    # Garbage left by earlier tests must not be collected while the sync
+    # methods raise: a finaliser that waits would then abort the process.
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cla.Array, "get", forbidden)
+            mp.setattr(cla.Array, "get_async", forbidden)
+            mp.setattr(cl, "wait_for_events", forbidden)
+            mp.setattr(cl.Event, "wait", forbidden, raising=False)
+            mp.setattr(cl.CommandQueue, "finish", forbidden, raising=False)
+            set_grads()
+            opt.step()
+            assert telemetry.log(loss=loss) is None  # step 2
+    finally:
+        gc.enable()
+    set_grads()
+    opt.step()
+    record = telemetry.log(loss=loss)  # step 3: written
+    assert [r.step for r in out.records] == [3] and record.scalars == {"loss": 0.5}
+    assert record.optimizer_step == 3

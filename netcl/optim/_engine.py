@@ -47,6 +47,13 @@ CONTROL_SIZE = 4
 INITIAL_CONTROL = np.array([0.0, 1.0, 1.0, 0.0], np.float32)
 # A GradScaler's device state (float32): what finalize reads and writes.
 SCALE, GROWTH_TRACKER, SCALER_FOUND_INF = range(3)
+# What a track_stats update pass writes per chunk-table row (factor type), in
+# order: sums of squares of the gradient (unscaled, before clipping), of the
+# parameter before the update, of the update, of the second moment and of the
+# momentum state; non-finite and zero gradient elements; the effective
+# learning rate's min, max and sum.
+STATS_COLUMNS = ("grad_sq", "nonfinite", "zeros", "param_sq", "update_sq",
+                 "second_moment_sq", "momentum_sq", "lr_min", "lr_max", "lr_sum")
 
 
 @dataclass(frozen=True)
@@ -68,19 +75,21 @@ def _buffer(c_type, const=False):
 
 
 def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, state_dtype,
-                   factor_dtype, state_dtypes=None, seed=False):
+                   factor_dtype, track_stats=False, state_dtypes=None, seed=False):
     """The parameter list of a family's update kernel, in order.
 
     Per tensor slot ``k``: ``p<k>``, ``p<k>_offset``, ``g<k>``, ``g<k>_offset``,
     one buffer per state name (``<name><k>``) and ``s<k>_offset`` (0, or the
-    parameter's offset for flat state); then ``seed`` (stochastic rounding
-    only), the chunk table, the step counts and the control buffer; then the
-    hyperparameter scalars in the state type and the factor arguments in the
-    factor type.
+    parameter's offset for flat state); with ``track_stats`` the statistics
+    rows (factor type) and this launch's first row; ``seed`` (stochastic
+    rounding only); then the chunk table, the step counts and the control
+    buffer; then the hyperparameter scalars in the state type and the factor
+    arguments in the factor type.
 
     ``state_dtype`` is the compute type (float32 for float16 and bfloat16
     parameters); ``state_dtypes`` maps a state name to the dtype its buffer
-    is stored in when that differs (bfloat16 state, a float32 master copy).
+    is stored in when that differs (bfloat16 or int8 state, a float32 master
+    copy).
     """
     state_dtypes = state_dtypes or {}
     param_t = _precision.POINTER_TYPES[_precision.storage_format(param_dtype)]
@@ -95,6 +104,9 @@ def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, 
         args += [Arg(f"{name}{k}", _buffer(state_types[name])) for name in state_names]
         if state_names:  # every state buffer of a tensor starts at this offset
             args.append(Arg(f"s{k}_offset", "const uint", np.uint32))
+    if track_stats:
+        args += [Arg("stats_out", _buffer(factor_t)),
+                 Arg("stats_row_base", "const uint", np.uint32)]
     if seed:
         args.append(Arg("seed", "const uint", np.uint32))
     args += [Arg("chunks", _buffer("uint", const=True)),
@@ -149,7 +161,7 @@ class Launch:
     kernel slots, its chunk table, and whether every tensor in it starts on a
     vector boundary."""
 
-    __slots__ = ("indices", "slots", "table", "n_rows", "aligned")
+    __slots__ = ("indices", "slots", "table", "n_rows", "aligned", "row_params")
 
     def __init__(self, context, indices, slots, lengths, param_indices, aligned, starts=None):
         self.indices = indices
@@ -163,6 +175,7 @@ class Launch:
                 rows.append((slot, base + start, min(CHUNK, n - start), index))
         rows = np.asarray(rows, dtype=np.uint32).reshape(-1, ROW)
         self.n_rows = len(rows)
+        self.row_params = rows[:, 3].copy()  # each row's parameter index
         self.table = cl.Buffer(
             context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=rows)
 
@@ -298,6 +311,10 @@ class Program:
         self.partials = None
         self.active = None
         self.scaler_state = None
+        self.tracked = []          # update launches that write statistics rows
+        self.stats_rows = []       # their rows' parameter indices, in row order
+        self.stats_buffer = None
+        self.tracked_indices = {}  # group -> indices of its parameters in this step
 
     # ------------------------------------------------------------- building
     def add_update(self, group, launch, kernel_and_args, params, state_names, new_state):
@@ -311,6 +328,10 @@ class Program:
         bound.set("control", opt._control.base_data)
         if "seed" in bound.positions:
             bound.set("seed", np.uint32(opt.seed))
+        if "stats_out" in bound.positions:
+            bound.set("stats_row_base", np.uint32(sum(len(r) for r in self.stats_rows)))
+            self.stats_rows.append(launch.row_params)
+            self.tracked.append(bound)
         self.updates.append(bound)
 
     def add_stats(self, launch, kernel_and_args, params):
@@ -345,6 +366,13 @@ class Program:
             self.finalize.set_args(self.partials, np.uint32(self.n_rows),
                                    opt._control.base_data, opt._control.base_data,
                                    np.float32(max_norm))
+        if self.tracked:
+            self.stats_rows = np.concatenate(self.stats_rows)
+            self.stats_buffer = cl.Buffer(
+                context, cl.mem_flags.READ_WRITE,
+                max(1, len(self.stats_rows)) * len(STATS_COLUMNS) * opt._factor_dtype().itemsize)
+            for bound in self.tracked:
+                bound.set("stats_out", self.stats_buffer)
         self.active = cl.Buffer(context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
                                 hostbuf=np.asarray(active or [0], np.uint32))
         program = _kernels.get_program(context, "step_control.cl.mako", "advance",

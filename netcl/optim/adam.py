@@ -66,6 +66,9 @@ class Adam(Optimizer):
                              "decoupled_weight_decay")
     torch_options = {"foreach": None, "capturable": False, "differentiable": False,
                      "fused": None}
+    stats_second_moment = "exp_avg_sq"
+    stats_momentum = "exp_avg"
+    stats_effective_lr = True
     benchmark_variants = {"adam": {}, "amsgrad": dict(amsgrad=True)}
     scalar_names = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps",
                     "weight_decay_value", "decay_factor")

@@ -76,7 +76,7 @@ import netcl
 from netcl.optim import _quantize, _training_state
 from netcl.optim.checkpoint_file import CheckpointError, read_tensors, write_tensors
 
-__all__ = ["CheckpointError", "SCHEMA_VERSION", "encode", "load", "read", "save",
+__all__ = ["CheckpointError", "SCHEMA_VERSION", "decode", "encode", "load", "read", "save",
            "torch_state_dict"]
 
 FORMAT = "netcl.optim"
@@ -276,6 +276,12 @@ def read(path):
     malformed or damaged (see :func:`load`).
     """
     tensors, metadata = read_tensors(path, require_checksums=_checksums_required)
+    return decode(tensors, metadata, path)
+
+
+def decode(tensors, metadata, path):
+    """:func:`read` for the ``(tensors, metadata)`` of a file already read with
+    ``read_tensors`` (errors name ``path``)."""
 
     def bad(what):
         return CheckpointError(f"{path}: {what}")

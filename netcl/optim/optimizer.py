@@ -18,7 +18,7 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine, _precision, _quantize, checkpoint, hooks as _hooks
+from netcl.optim import _engine, _precision, _quantize, _stats, checkpoint, hooks as _hooks
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
@@ -270,6 +270,12 @@ class Optimizer:
     torch_options = {}
     #: Name -> keyword arguments of the variants ``python -m netcl.bench`` times.
     benchmark_variants = {}
+    #: For track_stats: the state buffers reported as the second moment and
+    #: the momentum (when a group has them), and whether the template's
+    #: update() assigns ``effective_lr``.
+    stats_second_moment = None
+    stats_momentum = None
+    stats_effective_lr = False
     #: Hyperparameter kernel arguments in the state dtype, as torch rounds
     #: Python scalars for its tensor ops.
     scalar_names = ()
@@ -318,6 +324,8 @@ class Optimizer:
         self._control = None    # device: found_inf, unscale, clip coef, norm
         self._skipped = None    # device: skipped-step count
         self._shard = None      # ids of the parameters this process updates (None: all)
+        self._stats_steps = 0     # track_stats steps run so far
+        self._stats_last = None   # (program, learning rates) of the last one
         self._step_pre_hooks, self._step_post_hooks = {}, {}
         self._state_dict_pre_hooks, self._state_dict_post_hooks = {}, {}
         self._load_state_dict_pre_hooks, self._load_state_dict_post_hooks = {}, {}
@@ -738,6 +746,26 @@ class Optimizer:
         program.set_scalars([values for _, values in groups], scaler)
         program.enqueue(self._queue)
         self._steps_host = None
+        if program.tracked:
+            self._stats_steps += 1
+            self._stats_last = (program, [group["lr"] for group in self.param_groups])
+
+    def stats(self):
+        """The statistics of the last ``track_stats`` step, read from the
+        device (one wait): ``{'step': tracked steps so far, 'skipped': bool,
+        'global': {...}, 'groups': {index: {'lr', 'stats': {...}, 'params':
+        {name or index: {...}}}}}``, each innermost dict of Python numbers:
+        ``grad_norm`` (the unscaled gradient, before clipping), ``param_norm``
+        (before the update), ``update_norm``, ``update_to_weight``,
+        ``nonfinite``, ``zeros``, ``numel`` and, where the family and group
+        have them, ``second_moment_rms``, ``lr_min``/``lr_mean``/``lr_max``
+        (the effective learning rate) and ``momentum_norm``. A skipped step
+        reports the gradient and parameter values only. See wiki/Telemetry.md.
+        """
+        if self._stats_last is None:
+            return _stats.empty()
+        program, lrs = self._stats_last
+        return _stats.read(self, program, self._stats_steps, lrs)
 
     def _group_scalars(self):
         """Per group: (kernel flags, scalar argument values), validated."""
@@ -923,7 +951,8 @@ class Optimizer:
         fp64 = _kernels.supports_fp64(self._context.devices[0])
         return np.dtype(np.float64 if fp64 else np.float32)
 
-    def _plan(self, dtype, state_names, lengths, indices, aligned, starts=None):
+    def _plan(self, dtype, state_names, lengths, indices, aligned, starts=None,
+              track_stats=False):
         """The launches for tensors of these lengths, from a bounded cache.
 
         The plan (chunk tables) depends only on lengths, parameter indices,
@@ -932,7 +961,8 @@ class Optimizer:
         it once; the cache keeps the most recently used plans for steps with
         missing grads.
         """
-        key = (dtype, len(state_names), tuple(lengths), tuple(indices), tuple(aligned),
+        key = (dtype, len(state_names), track_stats, tuple(lengths), tuple(indices),
+               tuple(aligned),
                None if starts is None else tuple(starts))
         launches = self._plans.pop(key, None)
         if launches is None:
@@ -944,7 +974,7 @@ class Optimizer:
 
                 def size(slots):
                     return _engine.argument_bytes(
-                        device, self._step_arguments(slots, dtype, state_names))
+                        device, self._step_arguments(slots, dtype, state_names, track_stats))
 
                 fixed = size(0)
                 per_tensor = size(1) - fixed
@@ -966,7 +996,10 @@ class Optimizer:
             indices = [index for index, _ in members]
             aligned = [self._aligned(p, dtype) for p in params]
             starts = [p.data.offset // dtype.itemsize for p in params] if flat else None
-            launches = self._plan(dtype, state_names, lengths, indices, aligned, starts)
+            track = update and flags.get("track_stats", False)
+            launches = self._plan(dtype, state_names, lengths, indices, aligned, starts, track)
+            if track:
+                program.tracked_indices.setdefault(g, []).extend(indices)
             for launch in launches:
                 # A flat launch has one slot: the shared buffers, at offset 0.
                 slot_params = [_engine.FlatView(params[launch.indices[0]], new_state,
@@ -989,12 +1022,12 @@ class Optimizer:
     def _active_indices(batches):
         return [index for batch in batches if batch[7] for index, _ in batch[5]]
 
-    def _step_arguments(self, slots, dtype, state_names):
+    def _step_arguments(self, slots, dtype, state_names, track_stats=False):
         """The update kernel's arguments for ``slots`` tensors of ``dtype``
         (computed in float32 for float16 and bfloat16)."""
         return _engine.step_arguments(
             slots, state_names, self.scalar_names, self.factor_names, dtype,
-            _precision.compute_dtype(dtype), self._factor_dtype(),
+            _precision.compute_dtype(dtype), self._factor_dtype(), track_stats,
             {name: self._buffer_dtype(dtype, name, state_names) for name in state_names},
             seed=self._stochastic(dtype))
 
@@ -1002,9 +1035,20 @@ class Optimizer:
         return self.stochastic_rounding and _precision.is_low_precision(dtype)
 
     def _update_kernel(self, dtype, factor_dtype, launch, layout, state_names, flags, guard):
-        arguments = self._step_arguments(launch.slots, dtype, state_names)
+        track_stats = flags.get("track_stats", False)
+        arguments = self._step_arguments(launch.slots, dtype, state_names, track_stats)
         param_format = _precision.storage_format(dtype)
         low_precision = _precision.is_low_precision(dtype)
+        # Which state the statistics read (none without track_stats, so the
+        # plain kernels' cache keys stay as they are).
+        roles = dict(second_moment=None, momentum_state=None, effective_lr=False, local_size=1)
+        if track_stats:
+            roles = dict(
+                second_moment=self.stats_second_moment
+                if self.stats_second_moment in state_names else None,
+                momentum_state=self.stats_momentum if self.stats_momentum in state_names
+                else None,
+                effective_lr=self.stats_effective_lr, local_size=layout.local_size)
         program = _kernels.get_program(
             self._context, self.template, "optimizer_step",
             param_t=_precision.POINTER_TYPES[param_format], param_format=param_format,
@@ -1018,7 +1062,7 @@ class Optimizer:
             factor_t=_kernels.c_type(factor_dtype),
             n_tensors=launch.slots, vector_width=self._vector_width(dtype),
             aligned=launch.aligned, state_names=tuple(state_names), guard=guard,
-            declarations=tuple(a.declaration for a in arguments), **flags)
+            declarations=tuple(a.declaration for a in arguments), **roles, **flags)
         return _kernels.new_kernel(program, "optimizer_step", [a.dtype for a in arguments]), \
             arguments
 

@@ -122,6 +122,9 @@ class RMSProp(Optimizer):
     torch_hyperparameters = ("lr", "momentum", "alpha", "eps", "centered", "weight_decay",
                              "maximize")
     torch_options = {"capturable": False, "foreach": None, "differentiable": False}
+    stats_second_moment = "square_avg"
+    stats_momentum = "momentum_buffer"
+    stats_effective_lr = True
     benchmark_variants = {"rmsprop": {},
                           "rmsprop-centered-mom": dict(momentum=0.9, centered=True)}
     scalar_names = ("lr", "alpha", "one_minus_alpha", "eps",

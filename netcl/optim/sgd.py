@@ -53,6 +53,7 @@ class SGD(Optimizer):
     torch_hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov",
                              "maximize")
     torch_options = {"foreach": None, "differentiable": False, "fused": None}
+    stats_momentum = "momentum_buffer"
     benchmark_variants = {"sgd-nesterov": dict(momentum=0.9, nesterov=True)}
     scalar_names = ("lr", "weight_decay_value", "momentum_value", "one_minus_dampening")
     step_in_state = False
