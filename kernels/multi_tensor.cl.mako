@@ -275,8 +275,7 @@ inline uchar netcl_quantize(__constant const float *map, const float x)
 {
     uint low = 0;
     for (uint step = 128; step > 0; step >>= 1)
-        if (map[low + step] <= x)
-            low += step;
+        low += map[low + step] <= x ? step : 0;
     if (low < 255 && x - map[low] > map[low + 1] - x)
         low += 1;
     return (uchar)low;

@@ -759,6 +759,10 @@ def parse_args(argv=None):
     ap.add_argument("--distributed", action="store_true",
                     help="instead: netcl.distributed's all-reduce, step time, scaling and "
                          "per-rank state memory, under mpiexec (see netcl.bench_distributed)")
+    ap.add_argument("--lowp", action="store_true",
+                    help="instead: bytes per parameter and step time per optimizer x dtype x "
+                         "state dtype on ResNet-50 shapes, with --dtype and --state-dtype "
+                         "(see python -m netcl.bench_lowp --help)")
     args = ap.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -936,6 +940,10 @@ def report(result, stream=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--lowp" in argv:  # its own options (--dtype, --state-dtype)
+        from netcl import bench_lowp
+        return bench_lowp.main(argv)
     args = parse_args(argv)
     if args.distributed:
         from netcl import bench_distributed

@@ -529,3 +529,43 @@ def test_int8_state_matches_the_same_quantisation(ctx_factory, variant, dtype):
                 expected = quantize(ratio.astype(np.float32), recipe_map(signs[name]))
                 np.testing.assert_array_equal(host(state[name]), expected,
                                               err_msg=f"{name}, step {step}")
+
+
+def test_track_stats_with_low_precision_and_int8_state(ctx_factory):
+    """track_stats reports the same statistics for a bfloat16 parameter with
+    int8 state as for the float32 path on the same values (to float32
+    accumulation-order rounding)."""
+    queue = make_queue(ctx_factory)
+    p = make(queue, BF16, seed=17, sizes=[5000])[0]
+    q = netcl.Parameter(cla.to_device(queue, host(p.data).astype(np.float32)))
+    opt = Adam([p], lr=1e-3, track_stats=True, state_dtype="int8")
+    opt32 = Adam([q], lr=1e-3, track_stats=True)
+    g = grads([5000], BF16, 1)[0]
+    p.grad = cla.to_device(queue, g)
+    q.grad = cla.to_device(queue, g.astype(np.float32))
+    opt.step()
+    opt32.step()
+    ours, theirs = opt.stats()["global"], opt32.stats()["global"]
+    assert set(ours) == set(theirs)
+    for key in ("grad_norm", "param_norm", "update_norm", "second_moment_rms", "momentum_norm"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("dtype,state,resident,moved", [
+    ("float32", "float32", 16.0, 28.0),           # p, g, m, v: 4 bytes each
+    ("bfloat16", "float32", 12.0, 22.0),          # p, g 2 bytes; m, v 4
+    ("bfloat16", "bfloat16", 8.0, 14.0),
+    ("float16", "int8", 6.0 + 8 / 256, 10.0 + 16 / 256),  # codes + a float32 scale per 256
+])
+def test_bench_lowp_counts_bytes(ctx_factory, dtype, state, resident, moved):
+    """The low-precision benchmark's bytes per parameter, on one tensor of
+    8192 elements (timings are measured, never asserted)."""
+    from netcl import bench, bench_lowp
+    queue = make_queue(ctx_factory)
+    workload = bench.Workload("one", "one tensor", (("w", (8192,)),))
+    config = next(c for c in bench.OPTIMIZERS if c.name == "adam")
+    row = bench_lowp.measure(queue, workload, config, dtype, state, steps=1, warmup=0,
+                             ceiling=1.0)
+    assert row["bytes_per_param"] == resident
+    assert row["moved_per_param"] == moved
+    assert row["ms"] > 0
