@@ -97,3 +97,21 @@ def test_adamw_vs_l2(tmp_path):
         assert losses[-1][1] < losses[0][1] * 1.05 and losses[-1][1] < np.log(4), name
     assert min(result["test_accuracy"].values()) > 0.35  # chance is 0.25
     _assert_png(result["plot"])
+
+
+def test_low_precision(tmp_path):
+    """bfloat16 weights rounded to nearest stall far above what bfloat16 can
+    hold; stochastic rounding, master weights and Kahan get near it; Adam's
+    int8 and bfloat16 state end within 1% of float32 Adam's loss."""
+    pytest.importorskip("ml_dtypes")
+    result = _example("low_precision").main(["--steps", "200", "--adam-steps", "60",
+                                             "--out", str(tmp_path), "--plot"])
+    sgd, floor = result["sgd"], result["bfloat16_floor"]
+    assert sgd["float32"][-1] < floor
+    assert sgd["bfloat16 nearest"][-1] > 20 * floor
+    for name in ("bfloat16 stochastic rounding", "bfloat16 master weights", "bfloat16 Kahan"):
+        assert sgd[name][-1] < 4 * floor, name
+    adam = result["adam"]
+    for name in ("int8 state", "bfloat16 state"):
+        assert abs(adam[name][-1] - adam["float32 state"][-1]) < 0.01 * adam["float32 state"][-1]
+    _assert_png(tmp_path / "low_precision.png")
