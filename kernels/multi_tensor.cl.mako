@@ -145,7 +145,7 @@ runs as a plain loop.
   % endif
 % endfor
 % if kahan:
-        const ${T} p_before = p;
+        const ${T} kahan_base = p;
         ${T} kahan_comp = ${load("kahan_comp_ptr", param_format, state_t, width)};
 % endif
 % if guard:
@@ -178,11 +178,11 @@ ${stats.after(T, width, second_moment, momentum_state, effective_lr)}
         // Kahan-compensated write-back: the rounding error of this store is
         // carried (in the parameter's dtype) into the next update.
         {
-            const ${T} sum = kahan_comp + (p - p_before);
-            p = p_before + sum;
+            const ${T} sum = kahan_comp + (p - kahan_base);
+            p = kahan_base + sum;
             ${store("p", "p_ptr", param_format, state_t, width)}
             p = ${load("p_ptr", param_format, state_t, width)};
-            kahan_comp = sum - (p - p_before);
+            kahan_comp = sum - (p - kahan_base);
             ${store("kahan_comp", "kahan_comp_ptr", param_format, state_t, width)}
         }
 % else:

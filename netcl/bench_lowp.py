@@ -78,10 +78,10 @@ def measure(queue, workload, config, param_dtype, state_dtype, steps, warmup, ce
 def format_rows(rows, ceiling):
     lines = [f"low precision on ResNet-50 shapes (ceiling {ceiling:.1f} GB/s, read-3/write-2 "
              "float32 kernel)",
-             f"{'optimizer':<16}{'params':<10}{'state':<10}{'B/param':>8}{'B moved':>9}"
+             f"{'optimizer':<22}{'params':<10}{'state':<10}{'B/param':>8}{'B moved':>9}"
              f"{'ms':>9}{'GB/s':>8}{'of ceiling':>12}"]
     for r in rows:
-        lines.append(f"{r['optimizer']:<16}{r['dtype']:<10}{r['state_dtype']:<10}"
+        lines.append(f"{r['optimizer']:<22}{r['dtype']:<10}{r['state_dtype']:<10}"
                      f"{r['bytes_per_param']:>8.2f}{r['moved_per_param']:>9.2f}"
                      f"{r['ms']:>9.2f}{r['gbps']:>8.1f}{r['of_ceiling']:>11.0%}")
     return "\n".join(lines)

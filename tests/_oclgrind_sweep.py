@@ -61,6 +61,7 @@ import sys
 import time
 import zlib
 
+import ml_dtypes
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,6 +178,24 @@ VARIANTS = [
     ("sgd", "momentum+weight_decay+nesterov+maximize", SGD,
      dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True), False),
 ]
+# Low-precision kernels (float16/bfloat16 parameters, their write-back
+# options, bfloat16 and int8 state), below the chunk size plus, for int8
+# state, one tensor of 4097 elements (quantised: 17 blocks, the last with one
+# element): (family, name, class, keyword arguments, dtype, extra lengths).
+LOWP_VARIANTS = [
+    ("adam", "bfloat16 nearest+skip_nonfinite", Adam, dict(skip_nonfinite=True), "bfloat16", ()),
+    ("adam", "float16 master_weights+amsgrad", Adam, dict(master_weights=True, amsgrad=True),
+     "float16", ()),
+    ("adam", "bfloat16 int8 state+stochastic_rounding", Adam,
+     dict(state_dtype="int8", stochastic_rounding=True), "bfloat16", (4097,)),
+    ("rmsprop", "float16 kahan+centered+momentum+track_stats", RMSProp,
+     dict(kahan=True, centered=True, momentum=0.9, track_stats=True), "float16", ()),
+    ("rmsprop", "bfloat16 int8 state+centered+momentum", RMSProp,
+     dict(state_dtype="int8", centered=True, momentum=0.9), "bfloat16", (4097,)),
+    ("sgd", "float16 stochastic_rounding+momentum+bfloat16 state", SGD,
+     dict(lr=0.1, momentum=0.9, stochastic_rounding=True, state_dtype="bfloat16"), "float16",
+     ()),
+]
 FAMILIES = ("rmsprop", "adam", "sgd")  # adamw runs with adam
 MANY_TENSORS = 40  # more than any device's slot count (at most 32)
 
@@ -229,10 +248,10 @@ def supports_fp64(device):
 class Case:
     """One optimizer variant's tensors, made identically on any queue."""
 
-    def __init__(self, family, name, cls, kwargs, full, dtype, width, many=False):
+    def __init__(self, family, name, cls, kwargs, full, dtype, width, many=False, extra=()):
         self.family, self.name, self.cls, self.kwargs = family, name, cls, kwargs
         self.dtype = np.dtype(dtype)
-        lengths = {0, 1, 7, max(0, width - 1), width + 1, 2 * width + 3}
+        lengths = {0, 1, 7, max(0, width - 1), width + 1, 2 * width + 3} | set(extra)
         if full:
             lengths |= {CHUNK - 1, CHUNK + 1}
         self.lengths = sorted(lengths)
@@ -333,13 +352,17 @@ def compare(results, reference, dtype):
     """Differences beyond a few ulp (the paths may round differently only in
     sqrt/division on devices without correctly rounded float32 ones)."""
     problems = []
-    nulp = 16 if dtype == np.float32 else 64
-    eps = np.finfo(dtype).eps
     for label, buffers in results.items():
         for name, actual in buffers.items():
             expected = reference[label][name]
             if actual.size == 0:
                 continue
+            if actual.dtype == np.uint8:  # int8 state's codes: the neighbouring code at most
+                if np.any(np.abs(actual.astype(int) - expected.astype(int)) > 1):
+                    problems.append(f"{label} {name}: codes differ by more than one")
+                continue
+            nulp = 64 if actual.dtype == np.float64 else 16
+            eps = float(ml_dtypes.finfo(actual.dtype).eps)
             if not np.array_equal(np.isfinite(actual), np.isfinite(expected)):
                 problems.append(f"{label} {name}: non-finite values where the reference "
                                 "has none, or the other way round")
@@ -348,7 +371,7 @@ def compare(results, reference, dtype):
                 problems.append(f"{label} {name}: non-finite values (the case should "
                                 "produce finite ones)")
                 continue
-            error = np.abs(actual.astype(np.float64) - expected)
+            error = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
             tolerance = nulp * eps * (np.abs(expected) + np.max(np.abs(expected)))
             if np.any(error > tolerance):
                 worst = int(np.argmax(error - tolerance))
@@ -554,8 +577,10 @@ def main(argv=None):
     parser.add_argument("part", nargs="?", choices=("optim", "nn", "all"), default="all")
     parser.add_argument("--family", action="append", choices=FAMILIES,
                         help="optimizer families to run (default: all)")
-    parser.add_argument("--dtype", action="append", choices=("float32", "float64"),
-                        help="dtypes to run (default: both where the device has fp64)")
+    parser.add_argument("--dtype", action="append",
+                        choices=("float32", "float64", "float16", "bfloat16"),
+                        help="dtypes to run (default: float32 and float64 where the device "
+                             "has fp64, and the low-precision variants)")
     parser.add_argument("--structural-only", action="store_true",
                         help="only the variants that change which state buffers exist")
     parser.add_argument("--below-chunk", action="store_true",
@@ -592,7 +617,9 @@ def main(argv=None):
     print(f"device: {device.name} ({device.platform.version}); layout: {layout}")
     print("reference: " + (f"{reference.name} ({reference.platform.name}), default layout"
                            if reference is not None else "none"))
-    dtypes = [np.dtype(d) for d in (args.dtype or ("float32", "float64"))]
+    low_dtypes = set(args.dtype or ("float16", "bfloat16"))
+    dtypes = [np.dtype(d) for d in (args.dtype or ("float32", "float64"))
+              if d in ("float32", "float64")]
     dtypes = [d for d in dtypes if d == np.float32 or (
         supports_fp64(device) and (reference is None or supports_fp64(reference)))]
     families = args.family or FAMILIES
@@ -633,6 +660,18 @@ def main(argv=None):
                         expected, _ = case.run(ref_queue)
                     problems += compare(results, expected, dtype)
                 finish_case(label, problems, t0)
+        for family, name, cls, kwargs, dtype, extra in LOWP_VARIANTS:
+            if family not in families or args.structural_only or dtype not in low_dtypes:
+                continue
+            t0 = time.perf_counter()
+            case = Case(family, name, cls, kwargs, False, np.dtype(getattr(ml_dtypes, dtype, dtype)),
+                        layout.vector_width(np.float32), extra=extra)
+            results, problems = case.run(queue)
+            if ref_queue is not None:
+                with default_layout():
+                    expected, _ = case.run(ref_queue)
+                problems += compare(results, expected, case.dtype)
+            finish_case(case.label(), problems, t0)
 
     if args.part in ("nn", "all"):
         for dtype in dtypes:
