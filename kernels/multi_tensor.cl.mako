@@ -290,6 +290,21 @@ inline uchar netcl_quantize(__constant const float *map, const float x)
 ${stats.gradient(T, width)}
 ${stats.before(T, width)}
 </%def>
+<%def name="count_nonfinite(width)">
+<% T = vec(state_t) if width > 1 else state_t %>\
+        ${T} g = ${load("g_ptr", param_t, state_t, width)};
+% if guard:
+        g = g * unscale;
+% endif
+${stats.nonfinite(T, width)}
+</%def>
+<%def name="finish_stats()">
+${stats.finish_counts(W)}
+    if (isnan(ss_check)) {  // rare: count the non-finite elements
+${loops(count_nonfinite)}
+    }
+${stats.write(W, factor_t, local_size)}
+</%def>
 <%def name="loops(body)">
     const uint n_vec = count / ${W};
     for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
@@ -364,7 +379,7 @@ ${stats.declare(vec(state_t), state_t, W, factor_t, local_size)}
 % if guard and track_stats:
     if (skipped) {  // nothing changes; the statistics still show why
 ${loops(skipped_element)}
-${stats.write(W, factor_t, local_size)}
+${finish_stats()}
         return;
     }
 % endif
@@ -397,6 +412,6 @@ ${element(1, "store")}
 ${loops(element)}
 % endif
 % if track_stats:
-${stats.write(W, factor_t, local_size)}
+${finish_stats()}
 % endif
 }

@@ -6,8 +6,11 @@ traffic. Composable defs the skeleton (multi_tensor.cl.mako) calls:
   declare(V, S, ...)    the accumulators: one set of vector type V for the
                         body, one of scalar type S for the tail; the
                         work-group's scratch memory
-  gradient(T, width)    squares, non-finite and zero counts of g (after the
-                        unscale, before clipping)
+  gradient(T, width)    squares of g (after the unscale, before clipping),
+                        its zeros, and a flag for non-finite elements
+  finish_counts(W)      the zero count; the flag's lanes added into ss_check
+  nonfinite(T, width)   counts non-finite elements (a second loop over g,
+                        run only by a work-item whose flag is NaN)
   before(T, width)      keeps p before the update, its squares
   after(T, width, ...)  squares of the update p - p_before, of the second
                         moment and of the momentum state, and the effective
@@ -36,23 +39,49 @@ scalars 1, hence count().
 %>
 
 <%def name="declare(V, S, W, factor_t, local_size)">
+<%
+    # Comparison results: -1/0 in the vector's integer type, 1/0 for scalars.
+    mask_v = ("long" if S == "double" else "int") + str(W)
+%>
 % if local_size > 1:
     // OpenCL allows __local variables only at a kernel's outermost scope.
     __local ${factor_t} scratch[${local_size}];
 % endif
-% for prefix, T in ([("sv_", V)] if W > 1 else []) + [("ss_", S)]:
+% for prefix, T, mask in ([("sv_", V, mask_v)] if W > 1 else []) + [("ss_", S, "uint")]:
 %   for name in SUMS:
     ${T} ${prefix}${name} = 0;
 %   endfor
     ${T} ${prefix}lr_min = INFINITY;
     ${T} ${prefix}lr_max = -INFINITY;
+    ${T} ${prefix}check = 0;
+    ${mask} ${prefix}zero_mask = 0;
 % endfor
+</%def>
+
+<%def name="finish_counts(W)">
+<%doc>After the loops: the zero count from its masks; true when a
+non-finite gradient element was seen (then the caller runs nonfinite()).</%doc>
+% if W > 1:
+    ss_zeros = ss_zero_mask;
+%   for lane in range(W):
+    ss_zeros -= sv_zero_mask.s${"%x" % lane};
+    ss_check += sv_check.s${"%x" % lane};
+%   endfor
+% else:
+    ss_zeros = ss_zero_mask;
+% endif
 </%def>
 
 <%def name="gradient(T, width)">
         ${acc("grad_sq", width)} += g * g;
+        // g - g is 0 for a finite g and NaN otherwise: the sum flags a
+        // non-finite element in one add; nonfinite() counts them only then.
+        ${acc("check", width)} += g - g;
+        ${acc("zero_mask", width)} += g == (${T})0;
+</%def>
+
+<%def name="nonfinite(T, width)">
         ${acc("nonfinite", width)} += ${count("(g - g) != (%s)0" % T, T, width)};
-        ${acc("zeros", width)} += ${count("g == (%s)0" % T, T, width)};
 </%def>
 
 <%def name="before(T, width)">
@@ -70,8 +99,10 @@ scalars 1, hence count().
         ${acc("momentum_sq", width)} += ${momentum} * ${momentum};
 % endif
 % if effective_lr:
-        ${acc("lr_min", width)} = fmin(${acc("lr_min", width)}, effective_lr);
-        ${acc("lr_max", width)} = fmax(${acc("lr_max", width)}, effective_lr);
+        // Compare-and-select: PoCL does not vectorise fmin/fmax (NaN rules);
+        // a NaN never replaces a bound either way.
+        ${acc("lr_min", width)} = effective_lr < ${acc("lr_min", width)} ? effective_lr : ${acc("lr_min", width)};
+        ${acc("lr_max", width)} = effective_lr > ${acc("lr_max", width)} ? effective_lr : ${acc("lr_max", width)};
         ${acc("lr_sum", width)} += effective_lr;
 % endif
 </%def>
