@@ -292,7 +292,7 @@ ${stats.before(T, width)}
 </%def>
 <%def name="count_nonfinite(width)">
 <% T = vec(state_t) if width > 1 else state_t %>\
-        ${T} g = ${load("g_ptr", param_t, state_t, width)};
+        ${T} g = ${load("g_ptr", param_format, state_t, width)};
 % if guard:
         g = g * unscale;
 % endif

@@ -569,3 +569,20 @@ def test_bench_lowp_counts_bytes(ctx_factory, dtype, state, resident, moved):
     assert row["bytes_per_param"] == resident
     assert row["moved_per_param"] == moved
     assert row["ms"] > 0
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
+def test_track_stats_counts_nonfinite_low_precision_gradients(ctx_factory, dtype):
+    queue = make_queue(ctx_factory)
+    p = make(queue, dtype, seed=19, sizes=[1003])[0]
+    before = host(p.data)
+    opt = Adam([p], lr=1e-3, track_stats=True, skip_nonfinite=True)
+    g = grads([1003], dtype, 1)[0]
+    g[[5, 700]] = [np.nan, -np.inf]
+    g[9] = 0
+    p.grad = cla.to_device(queue, g)
+    opt.step()
+    stats = opt.stats()
+    assert stats["skipped"] and stats["global"]["nonfinite"] == 2
+    assert stats["global"]["zeros"] == 1
+    np.testing.assert_array_equal(bits(host(p.data)), bits(before))
