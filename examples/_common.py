@@ -127,7 +127,8 @@ def add_optimizer_args(parser, default="rmsprop", default_lr=None):
     group.add_argument("--nesterov", action="store_true", default=None, help="rmsprop, sgd")
 
 
-def make_optimizer(parser, args, params, default_lr=None, distributed=False):
+def make_optimizer(parser, args, params, default_lr=None, distributed=False,
+                   **engine_options):
     """Build ``args.optim`` over ``params`` from the flags that were given.
 
     A flag the chosen optimizer does not take is an error rather than being
@@ -135,6 +136,8 @@ def make_optimizer(parser, args, params, default_lr=None, distributed=False):
     example uses when --lr is not given. ``distributed``: True wraps it in
     :class:`netcl.distributed.DistributedOptimizer`, ``"zero"`` builds a
     :class:`netcl.distributed.ZeroRedundancyOptimizer` of it (run under mpiexec).
+    ``engine_options`` (``track_stats``, ``skip_nonfinite``, ``max_grad_norm``)
+    go to the constructor as they are.
     """
     class_name, accepted = OPTIMIZERS[args.optim]
     given = {name: getattr(args, name) for name in CLI_HYPERPARAMETERS
@@ -148,6 +151,7 @@ def make_optimizer(parser, args, params, default_lr=None, distributed=False):
         given["betas"] = tuple(given["betas"])
     if "lr" not in given and default_lr and args.optim in default_lr:
         given["lr"] = default_lr[args.optim]
+    given.update(engine_options)
     optimizer_class = getattr(netcl.optim, class_name)
     if distributed:
         try:
@@ -170,6 +174,9 @@ def make_optimizer(parser, args, params, default_lr=None, distributed=False):
 # values and the example's own counters. The optimizer file is written first
 # and the parameter file records its SHA-256, so a pair torn apart by a crash
 # between the two writes is refused rather than resumed from mismatched halves.
+# LR schedulers go into the optimizer file (netcl.optim.save's schedulers=);
+# netcl.distributed's consolidated checkpoint has no place for them, so there
+# their state dicts travel in ``extra`` under "schedulers".
 
 def params_path(path):
     """Where :func:`save_checkpoint` puts the parameters that go with ``path``."""
@@ -177,16 +184,20 @@ def params_path(path):
     return path.with_name(f"{path.stem}.params{path.suffix}")
 
 
-def save_checkpoint(path, optimizer, params, extra):
-    """Write ``optimizer``'s state, ``params``' values and ``extra`` (a JSON-able dict)."""
+def save_checkpoint(path, optimizer, params, extra, schedulers=()):
+    """Write ``optimizer``'s state, its LR ``schedulers``, ``params``' values and
+    ``extra`` (a JSON-able dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    schedulers = list(schedulers)
     if hasattr(optimizer, "world_size"):  # netcl.distributed: collective, rank 0 writes
         optimizer.save(path)
         if optimizer.rank != 0:
             return path  # the parameters are the same on every rank
+        if schedulers:
+            extra = dict(extra, schedulers=[s.state_dict() for s in schedulers])
     else:
-        netcl.optim.save(optimizer, path)
+        netcl.optim.save(optimizer, path, schedulers=schedulers or None)
     tensors = {f"param.{i}": p.data.get() for i, p in enumerate(params)}
     write_tensors(params_path(path), tensors,
                   {"optimizer_sha256": _sha256(path),
@@ -194,12 +205,20 @@ def save_checkpoint(path, optimizer, params, extra):
     return path
 
 
-def load_checkpoint(path, optimizer, params):
-    """Restore what :func:`save_checkpoint` wrote into ``params``/``optimizer``; return extra.
+def checkpoint_extra(path):
+    """The ``extra`` dict :func:`save_checkpoint` stored with ``path``."""
+    return json.loads(read_tensors(params_path(path))[1]["extra"])
 
-    Everything is checked before the optimizer or a parameter changes.
+
+def load_checkpoint(path, optimizer, params, schedulers=()):
+    """Restore what :func:`save_checkpoint` wrote into ``params``/``optimizer``
+    and its LR ``schedulers`` (built as for the saved run); return extra.
+
+    Everything is checked before the optimizer or a parameter changes (under
+    netcl.distributed, the schedulers' states are checked after the optimizer's).
     """
     path = Path(path)
+    schedulers = list(schedulers)
     tensors, metadata = read_tensors(params_path(path))
     if metadata.get("optimizer_sha256") != _sha256(path):
         raise CheckpointError(f"{path} and {params_path(path)} are not from the same save "
@@ -213,12 +232,21 @@ def load_checkpoint(path, optimizer, params):
             found = "nothing" if value is None else f"{value.dtype}{list(value.shape)}"
             raise ValueError(f"{params_path(path)}: parameter {i} is {found}, "
                              f"the model's is {p.dtype}{list(p.shape)}")
+    extra = json.loads(metadata["extra"])
     # Checks the optimizer file before changing anything (collective when distributed).
-    (optimizer.load if hasattr(optimizer, "world_size") else
-     lambda p: netcl.optim.load(optimizer, p))(path)
+    if hasattr(optimizer, "world_size"):
+        saved = extra.pop("schedulers", [])
+        if len(saved) != len(schedulers):
+            raise ValueError(f"{path}: holds {len(saved)} LR schedulers, this run has "
+                             f"{len(schedulers)}")
+        optimizer.load(path)
+        for scheduler, state in zip(schedulers, saved):
+            scheduler.load_state_dict(state)
+    else:
+        netcl.optim.load(optimizer, path, schedulers=schedulers or None)
     for p, value in zip(params, values):
         p.data.set(value)
-    return json.loads(metadata["extra"])
+    return extra
 
 
 def _sha256(path):

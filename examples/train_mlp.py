@@ -7,11 +7,21 @@ mini-batch gather, forward and backward passes (netcl.nn) and the optimizer
 step (netcl.optim). The host only draws each epoch's shuffle and reads the loss
 back for the progress bar and the plot.
 
+The learning rate warms up linearly and then follows a cosine to 0
+(netcl.optim.lr_scheduler's LinearLR then CosineAnnealingLR, joined by
+SequentialLR), stepped after every batch; --schedule none keeps it constant.
+--stats builds the optimizer with track_stats=True and writes its in-step
+statistics through netcl.telemetry: JSON lines and a dashboard PNG to --out,
+TensorBoard event files with --tensorboard.
+
     python examples/train_mlp.py                        # RMSProp, defaults
     python examples/train_mlp.py --optim adamw --lr 3e-3 --weight-decay 0.05
     python examples/train_mlp.py --optim sgd --lr 0.05 --momentum 0.9 --nesterov
     python examples/train_mlp.py --epochs 10 --save ck.safetensors
     python examples/train_mlp.py --epochs 20 --resume ck.safetensors   # continues to epoch 20
+    python examples/train_mlp.py --warmup-steps 50 --schedule none      # constant lr after warmup
+    python examples/train_mlp.py --stats --tensorboard runs/mlp         # telemetry, dashboard
+    python examples/train_mlp.py --stats --nan-at 100 200               # two skipped steps
     mpiexec -n 2 python examples/train_mlp.py --distributed   # data parallel over 2 ranks
     mpiexec -n 2 python examples/train_mlp.py --zero          # ... with sharded state
 
@@ -20,9 +30,11 @@ the gradients are averaged (netcl.distributed), so the run follows the
 single-process one to float32 rounding; rank 0 prints and plots.
 
 Writes ``loss_<optim>.png`` (training loss per step, test accuracy per epoch)
-to --out and prints the held-out accuracy.
+to --out and prints the held-out accuracy; with --stats also
+``stats_<optim>.jsonl`` and ``dashboard_<optim>.png``.
 """
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,13 +43,22 @@ import numpy as np
 
 import netcl
 from netcl import nn
+from netcl.optim import lr_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-# Learning rates when --lr is not given: torch's defaults, except SGD's (1e-3
-# is far too small for this problem) and RMSProp's (1e-2 overshoots early on).
-DEFAULT_LR = {"rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3, "sgd": 0.05}
+# Peak learning rates when --lr is not given: torch's defaults, except SGD's
+# (1e-3 is far too small for this problem; under the cosine schedule 0.2 beats
+# 0.05, 96.67% -> 97.22% held out, and 0.2 constant still trains) and RMSProp's
+# (1e-2 overshoots early on).
+DEFAULT_LR = {"rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3, "sgd": 0.2}
+
+SCHEDULES = ("cosine", "none")
+#: The warmup's first lr as a fraction of the peak (LinearLR's start_factor).
+WARMUP_START_FACTOR = 0.01
+#: Warmup steps when --warmup-steps is not given: a tenth of the schedule.
+DEFAULT_WARMUP_FRACTION = 0.1
 
 
 def parse_args(argv=None):
@@ -58,12 +79,93 @@ def parse_args(argv=None):
                       help="data parallel under mpiexec: average gradients over the ranks")
     mode.add_argument("--zero", action="store_true",
                       help="as --distributed, with the optimizer state sharded (ZeRO-1)")
+    schedule = parser.add_argument_group(
+        "learning-rate schedule (stepped after every batch; when resuming, unset "
+        "values are the checkpoint's)")
+    schedule.add_argument("--schedule", choices=SCHEDULES,
+                          help="cosine: linear warmup, then a cosine from --lr to 0 at the "
+                          "schedule's end; none: constant --lr (after --warmup-steps, if "
+                          "given) (default cosine)")
+    schedule.add_argument("--warmup-steps", type=int, metavar="N",
+                          help=f"steps of linear warmup from {WARMUP_START_FACTOR:g}*lr to lr; "
+                          "0: none (default: a tenth of --schedule-steps with cosine, "
+                          "0 with none)")
+    schedule.add_argument("--schedule-steps", type=int, metavar="N",
+                          help="steps the schedule spans, at least the steps run (default: "
+                          "the run's; give the full length to stop early and --resume later)")
+    stats = parser.add_argument_group("telemetry (netcl.telemetry)")
+    stats.add_argument("--stats", action="store_true",
+                       help="track_stats=True and skip_nonfinite=True; write "
+                       "stats_<optim>.jsonl and dashboard_<optim>.png to --out")
+    stats.add_argument("--tensorboard", type=Path, metavar="DIR",
+                       help="also write TensorBoard event files to DIR (implies --stats)")
+    stats.add_argument("--stats-every", type=int, default=1, metavar="N",
+                       help="read and write the statistics every N steps")
+    stats.add_argument("--nan-at", type=int, nargs="+", default=[], metavar="STEP",
+                       help="put a NaN into the batch of these steps (counted from 1): "
+                       "skip_nonfinite skips them and the dashboard marks them")
     _common.add_optimizer_args(parser, default_lr=DEFAULT_LR)
     args = parser.parse_args(argv)
-    _common.positive(parser, args, "epochs", "batch_size", "steps")
+    _common.positive(parser, args, "epochs", "batch_size", "steps", "schedule_steps",
+                     "stats_every")
     if any(h <= 0 for h in args.hidden):
         parser.error("--hidden widths must be positive")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if any(s <= 0 for s in args.nan_at):
+        parser.error("--nan-at steps count from 1")
+    args.stats = args.stats or args.tensorboard is not None
+    if args.stats and args.zero:
+        parser.error("--stats reports one rank's shard under --zero; use --distributed")
     return parser, args
+
+
+def schedule_settings(parser, args, total_steps, saved=None):
+    """``{"schedule", "warmup_steps", "schedule_steps"}`` from the flags and
+    the defaults, or from ``saved`` (a resumed checkpoint's) where unset; a
+    flag that contradicts the checkpoint is an error."""
+    given = {"schedule": args.schedule, "warmup_steps": args.warmup_steps,
+             "schedule_steps": args.schedule_steps}
+    if saved is not None:
+        for key, value in given.items():
+            if value is not None and value != saved[key]:
+                flag = "--" + key.replace("_", "-")
+                parser.error(f"{flag} {value} differs from the checkpoint's {saved[key]}")
+        settings = dict(saved)
+    else:
+        horizon = given["schedule_steps"] or total_steps
+        kind = given["schedule"] or "cosine"
+        warmup = given["warmup_steps"]
+        if warmup is None:
+            warmup = int(DEFAULT_WARMUP_FRACTION * horizon) if kind == "cosine" else 0
+        settings = {"schedule": kind, "warmup_steps": warmup, "schedule_steps": horizon}
+    if total_steps > settings["schedule_steps"]:
+        parser.error(f"the schedule spans {settings['schedule_steps']} steps, this run goes to "
+                     f"{total_steps}: start the run with --schedule-steps {total_steps}")
+    if settings["schedule"] == "cosine" \
+            and settings["warmup_steps"] >= settings["schedule_steps"]:
+        parser.error(f"--warmup-steps {settings['warmup_steps']} leaves no cosine steps in a "
+                     f"schedule of {settings['schedule_steps']}")
+    return settings
+
+
+def build_schedule(optimizer, schedule, warmup_steps, schedule_steps):
+    """The per-batch LR scheduler (None: constant lr).
+
+    Warmup: LinearLR from WARMUP_START_FACTOR*lr to lr over ``warmup_steps``;
+    then CosineAnnealingLR over the rest, lr*(1 + cos(pi*t/T))/2, reaching 0
+    at ``schedule_steps`` (--schedule none: constant lr after the warmup).
+    """
+    phases = []
+    if warmup_steps:
+        phases.append(lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR,
+                                            end_factor=1.0, total_iters=warmup_steps))
+    if schedule == "cosine":
+        phases.append(lr_scheduler.CosineAnnealingLR(optimizer,
+                                                     T_max=schedule_steps - warmup_steps))
+    if len(phases) == 2:
+        return lr_scheduler.SequentialLR(optimizer, phases, milestones=[warmup_steps])
+    return phases[0] if phases else None
 
 
 def load_digits(seed, test_fraction=0.2):
@@ -110,18 +212,31 @@ def main(argv=None):
     model = build_model(queue, [x_train.shape[1], *args.hidden, 10], args.seed)
     params = model.parameters()
     opt = _common.make_optimizer(parser, args, params, DEFAULT_LR,
-                                 distributed="zero" if args.zero else args.distributed)
+                                 distributed="zero" if args.zero else args.distributed,
+                                 track_stats=args.stats,
+                                 skip_nonfinite=args.stats or bool(args.nan_at))
     rank, ranks = getattr(opt, "rank", 0), getattr(opt, "world_size", 1)
     if batch % ranks:
         parser.error(f"--batch-size {batch} must divide evenly over {ranks} ranks")
     rows = batch // ranks  # this rank's slice of every mini-batch
 
-    step, history = 0, {"loss": [], "test_accuracy": []}
+    saved = _common.checkpoint_extra(args.resume) if args.resume else {}
+    schedule = schedule_settings(parser, args, total_steps,
+                                 saved.get("schedule", {"schedule": "none", "warmup_steps": 0,
+                                                        "schedule_steps": math.inf})
+                                 if args.resume else None)
+    scheduler = build_schedule(opt, **schedule)
+    schedulers = [scheduler] if scheduler else []
+
+    step, history = 0, {"loss": [], "lr": [], "test_accuracy": []}
     if args.resume:
-        extra = _common.load_checkpoint(args.resume, opt, params)
+        extra = _common.load_checkpoint(args.resume, opt, params, schedulers)
         step, history = extra["step"], extra["history"]
+        history.setdefault("lr", [math.nan] * step)  # a checkpoint from before schedules
         if rank == 0:
             print(f"resumed from {args.resume} at step {step}", file=sys.stderr)
+    telemetry = start_telemetry(parser, args, opt, fresh=not args.resume) \
+        if args.stats and rank == 0 else None
 
     progress = _common.Progress(total_steps, f"{args.optim:8s}", args.progress and rank == 0)
     progress.update(min(step, total_steps))
@@ -136,24 +251,35 @@ def main(argv=None):
         first = position * batch + rank * rows
         index = order[first:first + rows]
         xb, yb = nn.take_rows(xd_train, index), nn.take_rows(yd_train, index)
+        if step + 1 in args.nan_at:
+            xb[0].fill(np.float32(np.nan))  # a NaN loss and gradient: the step is skipped
 
         opt.zero_grad()
         loss, grad = nn.softmax_cross_entropy(model(xb), yb)
         model.backward(grad, input_grad=False)
+        history["lr"].append(opt.param_groups[0]["lr"])
         opt.step()
         step += 1
-
         history["loss"].append(float(loss.get()))
+        if telemetry is not None:
+            telemetry.log(step=step, loss=history["loss"][-1])
+        if scheduler is not None:
+            scheduler.step()
+
         if step % steps_per_epoch == 0 or step == total_steps:
             history["test_accuracy"].append((step, accuracy(model, xd_test, y_test)))
         progress.update(loss=history["loss"][-1], epoch=step // steps_per_epoch)
     progress.close()
+    if telemetry is not None:
+        telemetry.close()
 
     test_accuracy = accuracy(model, xd_test, y_test)
     train_accuracy = accuracy(model, xd_train, y_train)
     seconds = time.perf_counter() - start
     if args.save:
-        _common.save_checkpoint(args.save, opt, params, {"step": step, "history": history})
+        _common.save_checkpoint(args.save, opt, params,
+                                {"step": step, "history": history, "schedule": schedule},
+                                schedulers)
     name = type(opt).__name__ if ranks == 1 else \
         f"{type(opt.optim).__name__} ({type(opt).__name__}, {ranks} ranks)"
     if rank != 0:
@@ -165,10 +291,108 @@ def main(argv=None):
           f"train accuracy {train_accuracy:.2%}, held-out accuracy {test_accuracy:.2%} "
           f"({len(y_test)} images)")
     print(f"loss curve: {plot}")
-    return {"optimizer": name, "steps": step, "seconds": seconds,
-            "test_accuracy": test_accuracy, "train_accuracy": train_accuracy,
-            "losses": history["loss"], "plot": plot,
-            "params": [p.data.get() for p in params]}
+    result = {"optimizer": name, "steps": step, "seconds": seconds,
+              "test_accuracy": test_accuracy, "train_accuracy": train_accuracy,
+              "losses": history["loss"], "lrs": history["lr"], "schedule": schedule,
+              "plot": plot, "params": [p.data.get() for p in params]}
+    if telemetry is not None:
+        dashboard = telemetry.writers[0]
+        result["dashboard"] = dashboard.plot(args.out, f"dashboard_{args.optim}.png",
+                                             f"MLP on digits, {name}")
+        result["stats_file"] = telemetry.writers[1].path
+        result["skipped_steps"] = dashboard.skipped_steps()
+        print(f"statistics: {result['stats_file']}, dashboard: {result['dashboard']}"
+              + (f", TensorBoard: {args.tensorboard}" if args.tensorboard else ""))
+    return result
+
+
+def start_telemetry(parser, args, optimizer, fresh):
+    """A netcl.telemetry logger writing to the dashboard, JSON lines and, with
+    --tensorboard, TensorBoard. A fresh run starts a new JSON lines file; a
+    resumed one appends."""
+    from netcl.telemetry import JSONLinesWriter, Telemetry, TensorBoardWriter
+
+    stats_file = Path(args.out) / f"stats_{args.optim}.jsonl"
+    if fresh:
+        stats_file.unlink(missing_ok=True)
+    writers = [DashboardWriter(), JSONLinesWriter(stats_file)]
+    if args.tensorboard is not None:
+        try:
+            writers.append(TensorBoardWriter(args.tensorboard))
+        except ImportError as exc:
+            parser.error(f"--tensorboard: {exc}")
+    return Telemetry(optimizer, writers, every=args.stats_every)
+
+
+class DashboardWriter:
+    """A netcl.telemetry writer that keeps, per written step, what the
+    dashboard plots: the loss, the global gradient norm, the effective-lr band
+    (RMSProp/Adam-family only), the scheduled lr, the update-to-weight ratio,
+    and whether the step was skipped."""
+
+    KEYS = ("grad_norm", "update_to_weight", "lr_min", "lr_mean", "lr_max")
+
+    def __init__(self):
+        self.rows = []
+
+    def write(self, record):
+        values = record.stats["global"]
+        row = {"step": record.step, "skipped": record.skipped,
+               "loss": record.scalars.get("loss", math.nan),
+               "lr": record.stats["groups"][0]["lr"]}
+        # A skipped step updated nothing: no ratio or effective lr to plot.
+        row.update((key, math.nan if record.skipped else values.get(key, math.nan))
+                   for key in self.KEYS)
+        row["grad_norm"] = values["grad_norm"]
+        self.rows.append(row)
+
+    def close(self):
+        pass
+
+    def skipped_steps(self):
+        return [row["step"] for row in self.rows if row["skipped"]]
+
+    def column(self, key):
+        return np.array([row[key] for row in self.rows], dtype=np.float64)
+
+    def plot(self, out, name, title):
+        plt = _common.pyplot()
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        steps = self.column("step")
+
+        def log_panel(ax, key, label, **style):
+            ax.plot(steps, self.column(key), label=label, **style)
+            ax.set_yscale("log")
+
+        log_panel(axes[0, 0], "loss", "training loss", color="tab:blue", lw=0.8)
+        axes[0, 0].set_title("loss (cross-entropy)")
+        log_panel(axes[0, 1], "grad_norm", "global ‖g‖₂", color="tab:red", lw=0.8)
+        axes[0, 1].set_title("global gradient norm (before the step)")
+        band = axes[1, 0]
+        if np.isfinite(self.column("lr_mean")).any():
+            band.fill_between(steps, self.column("lr_min"), self.column("lr_max"),
+                              color="tab:green", alpha=0.25, lw=0,
+                              label="effective lr, min–max over elements")
+            band.plot(steps, self.column("lr_mean"), color="tab:green", lw=0.8,
+                      label="effective lr, mean")
+        band.plot(steps, self.column("lr"), color="black", lw=1.2, label="scheduled lr")
+        band.set_yscale("log")
+        band.set_title("learning rate")
+        log_panel(axes[1, 1], "update_to_weight", "global ‖Δp‖/‖p‖", color="tab:purple",
+                   lw=0.8)
+        axes[1, 1].set_title("update-to-weight ratio")
+        skipped = self.skipped_steps()
+        for ax in axes.flat:
+            for i, at in enumerate(skipped):
+                ax.axvline(at, color="tab:orange", ls="--", lw=1,
+                           label="skipped step" if i == 0 else None)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(loc="best", fontsize=8)
+        for ax in axes[1]:
+            ax.set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        return _common.save_figure(fig, out, name)
 
 
 def plot_history(history, args, steps_per_epoch):

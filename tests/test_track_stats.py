@@ -199,3 +199,26 @@ def test_per_group_tracking_and_empty_stats(ctx_factory):
     with pytest.raises(TypeError, match="track_stats"):
         opt.param_groups[0]["track_stats"] = "yes"
         opt.step()
+
+
+def test_tracking_switched_between_steps(ctx_factory):
+    """track_stats is a group key: switching it between steps switches kernels
+    (no rebuild after the first of each), leaves the steps' bits unchanged,
+    and stats() reports the last tracked step."""
+    queue = make_queue(ctx_factory)
+    params, opt = make(queue, np.float32, Adam, dict(lr=1e-2), track_stats=False)
+    twin_params, twin = make(queue, np.float32, Adam, dict(lr=1e-2), track_stats=False)
+    for step in range(6):
+        opt.param_groups[0]["track_stats"] = step % 2 == 1
+        host = grads(params, step, np.float32)
+        for ps in (params, twin_params):
+            for p, g in zip(ps, host):
+                p.grad = cla.to_device(queue, g)
+        opt.step()
+        twin.step()
+        stats = opt.stats()
+        assert stats["step"] == (step + 1) // 2
+    for p, q in zip(params, twin_params):
+        assert np.array_equal(p.data.get(), q.data.get())
+    total = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in host))
+    assert stats["global"]["grad_norm"] == pytest.approx(total, rel=5e-5)
