@@ -426,6 +426,9 @@ def test_bad_options_and_inputs(ctx_factory):
         SGD([p], seed=-1)
     with pytest.raises(TypeError, match="kahan"):
         SGD([p], kahan=1)
+    for options in (dict(master_weights=True), dict(kahan=True), dict(state_dtype="int8")):
+        with pytest.raises(ValueError, match=f"{next(iter(options))}=.*torch.optim.Adam"):
+            Adam([p], **options).state_dict(format="torch")
     opt = Adam([p], lr=1e-2)
     p.grad = cla.to_device(queue, np.zeros(10, F16))
     before = host(p.data)

@@ -444,11 +444,20 @@ def torch_state_dict(optimizer, state_dict=None):
     ``capturable``, ...) at torch's defaults, ``params`` and ``param_names``
     when named. A netcl-only option (e.g. RMSProp's ``eps_in_sqrt``) at its
     default is left out; at any other value torch cannot reproduce the
-    optimizer and ``ValueError`` says so.
+    optimizer and ``ValueError`` says so. So does state torch has no place
+    for: ``master_weights``, ``kahan`` and ``state_dtype="int8"``
+    (``"bfloat16"`` state converts: torch casts loaded state to the
+    parameter's dtype).
     """
     torch_name = type(optimizer).torch_name
     if torch_name is None:
         raise ValueError(f"{type(optimizer).__name__} has no torch.optim counterpart")
+    for option, value, plain in (("master_weights", optimizer.master_weights, False),
+                                 ("kahan", optimizer.kahan, False),
+                                 ("state_dtype", optimizer.state_dtype, "float32")):
+        if value != plain and (option != "state_dtype" or value == "int8"):
+            raise ValueError(f"{option}={value!r} has no equivalent in torch.optim."
+                             f"{torch_name}, which cannot represent this optimizer's state")
     shared, extras = optimizer.torch_hyperparameters, optimizer.torch_options
     if state_dict is None:
         state_dict = optimizer.state_dict()
