@@ -664,8 +664,9 @@ def main(argv=None):
             if family not in families or args.structural_only or dtype not in low_dtypes:
                 continue
             t0 = time.perf_counter()
-            case = Case(family, name, cls, kwargs, False, np.dtype(getattr(ml_dtypes, dtype, dtype)),
-                        layout.vector_width(np.float32), extra=extra)
+            dtype = np.dtype(getattr(ml_dtypes, dtype, dtype))  # ml_dtypes: bfloat16
+            case = Case(family, name, cls, kwargs, False, dtype, layout.vector_width(np.float32),
+                        extra=extra)
             results, problems = case.run(queue)
             if ref_queue is not None:
                 with default_layout():

@@ -89,7 +89,8 @@ def grads(sizes, dtype, step):
 
 
 def state32(opt, p):
-    return {k: host(v).astype(np.float32) for k, v in opt.state.get(id(p), {}).items() if k != "step"}
+    return {k: host(v).astype(np.float32) for k, v in opt.state.get(id(p), {}).items()
+            if k != "step"}
 
 
 # ----------------------------------------------------- NumPy stochastic rounding
