@@ -621,3 +621,27 @@ def test_adam_first_moment_matches_torch_bfloat16(ctx_factory, cls):
             assert np.mean(ours == theirs) > 0.99
             tp.data.copy_(torch.from_numpy(host(p.data).astype(np.float32)).to(torch.bfloat16))
             topt.state[tp]["exp_avg"].copy_(torch.from_numpy(ours.astype(np.float32)))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
+def test_flat_storage_and_zero_grad(ctx_factory, dtype):
+    """flatten_ and zero_grad(set_to_none=False) work on low-precision
+    parameters (pyopencl's fill does not know bfloat16: its bits are
+    zeroed), and a flat batch steps as the same tensors one by one."""
+    from netcl.optim import flatten_
+    queue = make_queue(ctx_factory)
+    params, loose = make(queue, dtype, seed=23), make(queue, dtype, seed=23)
+    flat = flatten_(params, queue)
+    opt, opt_loose = Adam(params, master_weights=True), Adam(loose, master_weights=True)
+    for step in (1, 2):
+        for p, q, g in zip(params, loose, grads(SIZES, dtype, step)):
+            p.grad.set(g)
+            q.grad = cla.to_device(queue, g)
+        opt.step()
+        opt_loose.step()
+    for p, q in zip(params, loose):
+        np.testing.assert_array_equal(bits(host(p.data)), bits(host(q.data)))
+    flat.zero_grad(queue)
+    opt_loose.zero_grad(set_to_none=False)
+    for p, q in zip(params, loose):
+        assert not np.any(bits(host(p.grad))) and not np.any(bits(host(q.grad)))

@@ -99,8 +99,9 @@ def check_seed(seed):
 
 
 def bits_view(array):
-    """A pyopencl Array of bfloat16 as its uint16 bits (pyopencl's elementwise
-    kernels do not know bfloat16), anything else as it is."""
-    if BFLOAT16 is not None and array.dtype == BFLOAT16:
+    """A pyopencl Array of float16 or bfloat16 as its uint16 bits (pyopencl's
+    elementwise kernels know neither without cl_khr_fp16), anything else as
+    it is."""
+    if array.dtype in LOW_PRECISION:
         return array.view(np.uint16)
     return array

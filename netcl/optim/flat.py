@@ -11,6 +11,8 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
+from netcl.optim import _precision
+
 # Each tensor starts on a 128-byte boundary, a multiple of the widest vector
 # netcl uses (NETCL_VECTOR_BYTES=64), so flat tensors are read through vector
 # pointers.
@@ -29,7 +31,7 @@ class FlatParameters:
         """Zero every gradient with one fill per dtype (the flat gradients stay
         in place, unlike ``optimizer.zero_grad()``'s default ``set_to_none``)."""
         for grads in self.grads.values():
-            grads.fill(0, queue=queue)
+            _precision.bits_view(grads).fill(0, queue=queue)  # bfloat16: its bits
 
 
 def flatten_(params, queue=None):

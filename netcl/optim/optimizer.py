@@ -591,7 +591,7 @@ class Optimizer:
                 raise TypeError(f"{self._describe_param(p)}: .grad must be None or a "
                                 f"pyopencl.array.Array, got {type(p.grad).__name__}")
         for p in params:
-            p.grad.fill(0, queue=self._queue)
+            _precision.bits_view(p.grad).fill(0, queue=self._queue)  # bfloat16: its bits
 
     def _describe_param(self, p):
         index = self._param_index.get(id(p))
