@@ -44,11 +44,16 @@ class _Frozen:
     """What :func:`checkpoint.encode` reads of an optimizer, with a given state."""
 
     def __init__(self, optimizer, state_dict):
-        self.param_groups = optimizer.param_groups
+        self._optimizer = optimizer
         self._state_dict = state_dict
 
     def state_dict(self):
         return self._state_dict
+
+    def __getattr__(self, name):
+        # Everything else (groups, state dtype, master weights...) is the
+        # optimizer's own: encode() records its construction options too.
+        return getattr(self._optimizer, name)
 
 
 def _attempt(function):
