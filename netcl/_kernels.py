@@ -9,7 +9,7 @@ cache key; hyperparameters are kernel arguments, so changing a learning rate
 never rebuilds anything.
 
 Programs are cached per context in a ``WeakKeyDictionary`` so that dropping a
-context frees its programs. pyopencl and PoCL also keep compiled binaries on
+context frees its programs (the cached values must not refer to the context). pyopencl and PoCL also keep compiled binaries on
 disk, which makes a rebuild in a new process cheap.
 """
 
@@ -95,7 +95,10 @@ def _build(context, source, kernel_name, bypass_cache):
     if kernel_name not in names:
         raise cl.LogicError(f"the built program has kernels {names}, not {kernel_name!r}")
     cl.Kernel(program, kernel_name)  # raises if the binary cannot make the kernel
-    return program
+    # The cache keeps the bare program: pyopencl's Program wrapper holds its
+    # Context, which as a value of the WeakKeyDictionary keyed by that Context
+    # would keep every context (and its device memory) alive for good.
+    return program._get_prg()
 
 
 def _evict_pocl_entries(since):

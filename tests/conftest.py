@@ -22,6 +22,7 @@ import os
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
+import pyopencl.tools  # noqa: F401  (cl.tools.clear_first_arg_caches)
 import pytest
 
 import netcl
@@ -37,26 +38,36 @@ _IMPLEMENTATIONS = {"pocl": "portable computing language", "intel": "intel",
 class ContextFactory:
     """A fresh context on one device per call (pyopencl's ``ctx_factory``)."""
 
+    #: The contexts made for the running test, released when it ends (the
+    #: ``_release_contexts`` fixture). Intel's CPU runtime frees a context whose
+    #: last Python handle is released even while queues made on it are in use
+    #: (clRetainContext then fails with INVALID_CONTEXT), so none may go
+    #: before its test is over; and none may outlive it: a GPU runs out of
+    #: memory for contexts after a few hundred.
+    alive = []
+
     def __init__(self, device):
         self.device = device
-        self.context = None
 
     def __call__(self):
-        # Implementations limit how many contexts may be alive: drop the last.
-        self.context = None
-        gc.collect()
-        # Intel's CPU runtime frees a context whose last handle is released
-        # even while queues made on it are in use (clRetainContext then fails
-        # with INVALID_CONTEXT), so the factory keeps the newest one alive
-        # for the test that asked for it.
-        self.context = cl.Context([self.device])
-        return self.context
+        context = cl.Context([self.device])
+        ContextFactory.alive.append(context)
+        return context
 
     def __str__(self):
         # The id names the device, never its address: pytest-xdist workers must
         # collect identical ids.
         return (f"<context factory for <pyopencl.Device '{self.device.name.strip()}' on "
                 f"'{self.device.platform.name.strip()}'>>")
+
+
+@pytest.fixture(autouse=True)
+def _release_contexts():
+    yield
+    ContextFactory.alive.clear()
+    # pyopencl memoizes its own kernels (Array.fill, reductions) by context.
+    cl.tools.clear_first_arg_caches()
+    gc.collect()  # implementations limit how many contexts may be alive
 
 
 def _platform_devices(platform):

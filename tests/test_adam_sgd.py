@@ -102,8 +102,11 @@ def _get_queue(ctx_factory, dtype=np.float32):
     """
     key = ctx_factory.device.int_ptr
     if key not in _contexts:
-        _contexts[key] = cl.CommandQueue(ctx_factory())
-    queue = _contexts[key]
+        # The context itself is kept too: Intel's CPU runtime invalidates a
+        # queue whose Python Context was freed (see conftest.ContextFactory).
+        context = ctx_factory()
+        _contexts[key] = (context, cl.CommandQueue(context))
+    queue = _contexts[key][1]
     if dtype == np.float64 and not queue.device.double_fp_config:
         pytest.skip("the device has no float64")
     return queue

@@ -19,21 +19,10 @@ from netcl import amp
 from netcl.nn.utils import clip_grad_norm_, clip_grad_value_
 from netcl.optim import SGD, Adam, AdamW, RMSProp, _engine
 
-from conftest import Mirror, assert_close, make_queue as _make_queue
+from conftest import Mirror, assert_close, make_queue
 
 torch = pytest.importorskip("torch")
 
-# Intel's CPU runtime invalidates a queue once the Python Context it was made
-# from is freed (clRetainContext: INVALID_CONTEXT), although the queue holds
-# the context: keep every context of this module alive.
-_contexts = []
-
-
-def make_queue(ctx_factory, dtype=np.float32):
-    def factory():
-        _contexts.append(ctx_factory())
-        return _contexts[-1]
-    return _make_queue(factory, dtype)
 
 FAMILIES = [
     (Adam, "Adam", dict(lr=1e-2)),

@@ -239,3 +239,42 @@ def test_plan_cache_is_bounded_with_randomly_missing_grads(queue):
             p.grad = g if rng.random() < 0.5 else None
         opt.step()
     assert len(opt._plans) <= 32
+
+
+def test_dropping_a_context_frees_it_after_every_kind_of_kernel(device):
+    """Kernel caches are per context but must not keep the context alive: on a
+    GPU each context holds device and pinned host memory, and a process that
+    makes contexts one after another (a test suite, a notebook) ran out of it."""
+    import gc
+    import weakref
+
+    import pyopencl as cl
+
+    from netcl.amp import GradScaler
+    from netcl.nn import Linear, ReLU, Sequential, softmax_cross_entropy
+    from netcl.nn.utils import clip_grad_norm_, clip_grad_value_
+
+    def use_everything():
+        context = cl.Context([device])
+        queue = cl.CommandQueue(context)
+        params = [param(queue, 37, seed) for seed in range(2)]
+        scaler = GradScaler(queue, growth_interval=1)
+        tracked = RMSProp(params[:1], momentum=0.9, centered=True, track_stats=True)
+        guarded = Adam(params[1:], max_grad_norm=1.0, skip_nonfinite=True)
+        for opt in (tracked, guarded):
+            scaler.step(opt)
+        tracked.stats()
+        guarded.state_dict()
+        scaler.update()
+        clip_grad_norm_(params, 1.0).get()
+        clip_grad_value_(params, 0.5)
+        model = Sequential(Linear(4, 3, queue=queue), ReLU(queue))
+        x = cla.to_device(queue, np.ones((2, 4), np.float32))
+        logits = model(x)
+        softmax_cross_entropy(logits, np.array([0, 2]))
+        queue.finish()
+        return weakref.ref(context)
+
+    alive = use_everything()
+    gc.collect()
+    assert alive() is None, "a kernel cache kept the OpenCL context alive"
