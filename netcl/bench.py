@@ -41,6 +41,7 @@ import pyopencl as cl  # noqa: E402
 import pyopencl.array as cla  # noqa: E402
 
 from netcl.device import layout as device_layout  # noqa: E402
+from netcl.optim._engine import CHUNK  # noqa: E402
 from netcl.optim.optimizer import families  # noqa: E402
 
 DTYPE = np.dtype(np.float32)
@@ -441,18 +442,28 @@ _CEILING_SRC = r"""
 // valid because each array is a whole buffer, whose start OpenCL aligns to
 // CL_DEVICE_MEM_BASE_ADDR_ALIGN (1024 bits on PoCL). Consecutive blocks per
 // work item, one work item per group on CPUs, is the layout that measured
-// fastest there (the optimizer kernels use it too).
+// fastest there (the optimizer kernels use it too). On GPUs (COALESCED) each
+// group owns `per` * local-size consecutive vectors and its work items
+// interleave, as the optimizer kernels' rows do there.
 __kernel void read3_write2(__global float *a, __global float *b,
                            __global const float *c, const float s, const ulong n,
                            const ulong per)
 {
     const size_t n16 = n / W;
+#if COALESCED
+    const size_t step = get_local_size(0);
+    const size_t block = per * step;
+    const size_t begin = get_group_id(0) * block + get_local_id(0);
+    const size_t end = min((size_t)((get_group_id(0) + 1) * block), n16);
+#else
+    const size_t step = 1;
     const size_t begin = get_global_id(0) * per;
     const size_t end = min((size_t)(begin + per), n16);
+#endif
     __global floatW *a16 = (__global floatW *)a;
     __global floatW *b16 = (__global floatW *)b;
     __global const floatW *c16 = (__global const floatW *)c;
-    for (size_t i = begin; i < end; ++i) {
+    for (size_t i = begin; i < end; i += step) {
         const floatW va = a16[i], vb = b16[i], vc = c16[i];
         a16[i] = mad(vc, (floatW)(s), va);
         b16[i] = mad(vb, (floatW)(s), vc);
@@ -473,9 +484,11 @@ _CEILING_PER_ITEM_BYTES = 65536  # of each array per work item
 def ceiling_kernel(context):
     """The read-3/write-2 kernel, ``a = a + s*c; b = b*s + c``, in the
     device's netcl layout; run it with :func:`launch_ceiling`."""
-    width = device_layout(context.devices[0]).vector_width(np.float32)
+    layout = device_layout(context.devices[0])
+    width = layout.vector_width(np.float32)
     source = _CEILING_SRC.replace("floatW", f"float{width}" if width > 1 else "float")
-    program = cl.Program(context, source).build(options=[f"-DW={width}"])
+    program = cl.Program(context, source).build(
+        options=[f"-DW={width}", f"-DCOALESCED={int(layout.kind == 'gpu')}"])
     # Each ``program.read3_write2`` access builds a new kernel object, which
     # would drop the scalar dtypes set here.
     kernel = program.read3_write2
@@ -485,11 +498,15 @@ def ceiling_kernel(context):
 
 def launch_ceiling(kernel, queue, a, b, c, s, n):
     """Enqueue the ceiling kernel over ``n`` floats of the Arrays a, b, c."""
-    width = device_layout(queue.device).vector_width(np.float32)
-    per_item = _CEILING_PER_ITEM_BYTES // (4 * width)
-    items = max(1, -(-(n // width) // per_item))
-    local = device_layout(queue.device).local_size
-    items = -(-items // local) * local
+    layout = device_layout(queue.device)
+    width, local = layout.vector_width(np.float32), layout.local_size
+    if layout.kind == "gpu":  # a group per CHUNK elements, like the optimizers' rows
+        per_item = max(1, CHUNK // (width * local))
+        items = max(1, -(-(n // width) // (per_item * local))) * local
+    else:
+        per_item = _CEILING_PER_ITEM_BYTES // (4 * width)
+        items = max(1, -(-(n // width) // per_item))
+        items = -(-items // local) * local
     return kernel(queue, (items,), (local,), a.data, b.data, c.data, s, n, per_item)
 
 

@@ -100,9 +100,13 @@ VECTOR_BYTES_ENV = "NETCL_VECTOR_BYTES"
 # where no exception can be raised. 32 bytes built and ran on every CPU and
 # compiler seen; on an AVX-512 Xeon 64 bytes measured no faster (wiki/Performance.md).
 _CPU_VECTOR_BYTES = 32
-# GPUs coalesce 16-byte vector accesses across a work-group of 64.
+# GPUs coalesce 16-byte vector accesses across a work-group. A group runs
+# one chunk-table row (CHUNK elements), and a multi-tensor launch of
+# ResNet-50's tensors has only a few hundred rows: groups of 64 left an H200
+# mostly idle (the launch ran at a third of a flat tensor's bandwidth), so a
+# group is 256 work-items, or the device's maximum if that is smaller.
 _GPU_VECTOR_BYTES = 16
-_GPU_GROUP = 64
+_GPU_GROUP = 256
 # 64 bytes is float16, the widest float vector OpenCL C has.
 _VALID_BYTES = (4, 8, 16, 32, 64)
 
@@ -113,7 +117,7 @@ class Layout:
 
     ``kind`` is ``"cpu"`` (one work-item per group, each running its row as a
     vector loop: PoCL runs larger groups 30-60% slower) or ``"gpu"``
-    (work-groups of 64 coalescing 16-byte vectors); ``vector_bytes`` is the
+    (work-groups of 256 coalescing 16-byte vectors); ``vector_bytes`` is the
     explicit vector size in the kernels' bodies; ``reason`` says where both
     came from.
     """
@@ -126,6 +130,15 @@ class Layout:
     def vector_width(self, dtype):
         """Elements of ``dtype`` per explicit vector (at least 1)."""
         return max(1, self.vector_bytes // np.dtype(dtype).itemsize)
+
+
+def _gpu_group(device):
+    """_GPU_GROUP, or the largest power of two the device allows below it
+    (the kernels' local reductions halve the group)."""
+    size = _GPU_GROUP
+    while size > 1 and size > device.max_work_group_size:
+        size //= 2
+    return size
 
 
 def _env_choice(name, valid):
@@ -166,5 +179,5 @@ def layout(device):
     if vector_bytes > aligned_bytes:
         vector_bytes = aligned_bytes
         reasons.append(f"capped at the device's {aligned_bytes}-byte buffer alignment")
-    local_size = 1 if kind == "cpu" else _GPU_GROUP
+    local_size = 1 if kind == "cpu" else _gpu_group(device)
     return Layout(kind, vector_bytes, local_size, ", ".join(reasons))

@@ -33,7 +33,7 @@ def test_cpu_vectors_are_never_wider_than_32_bytes(queue, monkeypatch):
         assert layout.vector_bytes <= 32
         assert layout.vector_width(np.float64) <= 4
     else:
-        assert layout.kind == "gpu" and layout.local_size == 64
+        assert layout.kind == "gpu" and layout.local_size == 256
         assert layout.vector_bytes == 16
 
 
@@ -41,7 +41,7 @@ def test_layout_overrides(queue, monkeypatch):
     monkeypatch.setenv(netcl_device.LAYOUT_ENV, "gpu")
     monkeypatch.setenv(netcl_device.VECTOR_BYTES_ENV, "8")
     layout = netcl_device.layout(queue.device)
-    assert (layout.kind, layout.local_size, layout.vector_bytes) == ("gpu", 64, 8)
+    assert (layout.kind, layout.local_size, layout.vector_bytes) == ("gpu", 256, 8)
     assert layout.vector_width(np.float32) == 2
     assert "NETCL_LAYOUT=gpu" in layout.reason and "NETCL_VECTOR_BYTES=8" in layout.reason
 
