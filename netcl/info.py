@@ -278,7 +278,7 @@ def render_text(records, problems):
     lines += [
         "",
         "Layout: CPU devices run one work-item per work-group with 32-byte vectors, "
-        "GPUs work-groups of 256 (or the device's maximum) with 16-byte vectors.",
+        "GPUs work-groups of 128 (or the device's maximum) with 16-byte vectors.",
         f"  Overrides: {_device.LAYOUT_ENV}=cpu|gpu, {_device.VECTOR_BYTES_ENV}=4|8|16|32|64 "
         "(wider than 32 bytes on a CPU only if its compiler is known to handle it).",
         "",

@@ -66,10 +66,15 @@ VARIANTS = {
     "zero_adam": ("zero", Adam, dict(lr=1e-2, skip_nonfinite=True,
                                      max_grad_norm=MAX_GRAD_NORM), {}),
     "zero_adamw": ("zero", AdamW, dict(lr=1e-2, weight_decay=0.1, skip_nonfinite=True), {}),
+    # Compressed state through the sharded and consolidated checkpoints.
+    "zero_adam_bf16_state": ("zero", Adam, dict(lr=1e-2, skip_nonfinite=True,
+                                                state_dtype="bfloat16"), {}),
 }
 #: Checkpoints written after SAVE_AT steps: file stem -> (variant, sharded).
 CHECKPOINTS = {"dp_adam": ("dp_adam", False), "zero_adamw": ("zero_adamw", False),
-               "zero_adamw_sharded": ("zero_adamw", True)}
+               "zero_adamw_sharded": ("zero_adamw", True),
+               "zero_adam_bf16_state": ("zero_adam_bf16_state", False),
+               "zero_adam_bf16_state_sharded": ("zero_adam_bf16_state", True)}
 
 
 def batch(step):

@@ -12,6 +12,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def python_path():
+    """PYTHONPATH for a child: the repository first, then whatever the parent
+    had (packages installed with ``pip --target`` live only there)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
 def device_env(queue):
     """Environment that makes a child's netcl.default_queue() use this queue's device."""
     device = queue.device
@@ -19,7 +25,7 @@ def device_env(queue):
         devices = platform.get_devices()
         if device in devices:
             return dict(os.environ, PYOPENCL_CTX=f"{p}:{devices.index(device)}",
-                        PYTHONPATH=str(REPO))
+                        PYTHONPATH=python_path())
     pytest.skip("device not found among the platforms")  # pragma: no cover
 
 

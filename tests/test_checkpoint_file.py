@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from _kill import kill_mid_save
+from _new_process import python_path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_PATH = REPO / "netcl" / "optim" / "checkpoint_file.py"
@@ -702,7 +703,7 @@ _KILL_CHILD = textwrap.dedent("""
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_mid_save_keeps_previous_checkpoint(cf, tmp_path):
     path = tmp_path / "ckpt.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=python_path())
     tmp = kill_mid_save([sys.executable, "-c", _KILL_CHILD, str(MODULE_PATH), str(path)], env,
                         tmp_path, "A-written", ".ckpt.safetensors.", timeout=60)
     full_size = 8 + 32 * 4 * (1 << 20)

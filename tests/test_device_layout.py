@@ -13,6 +13,7 @@ import pytest
 from netcl import device as netcl_device
 
 from conftest import make_queue
+from _new_process import python_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_cpu_vectors_are_never_wider_than_32_bytes(queue, monkeypatch):
         assert layout.vector_bytes <= 32
         assert layout.vector_width(np.float64) <= 4
     else:
-        assert layout.kind == "gpu" and layout.local_size == 256
+        assert layout.kind == "gpu" and layout.local_size == 128
         assert layout.vector_bytes == 16
 
 
@@ -41,7 +42,7 @@ def test_layout_overrides(queue, monkeypatch):
     monkeypatch.setenv(netcl_device.LAYOUT_ENV, "gpu")
     monkeypatch.setenv(netcl_device.VECTOR_BYTES_ENV, "8")
     layout = netcl_device.layout(queue.device)
-    assert (layout.kind, layout.local_size, layout.vector_bytes) == ("gpu", 256, 8)
+    assert (layout.kind, layout.local_size, layout.vector_bytes) == ("gpu", 128, 8)
     assert layout.vector_width(np.float32) == 2
     assert "NETCL_LAYOUT=gpu" in layout.reason and "NETCL_VECTOR_BYTES=8" in layout.reason
 
@@ -93,7 +94,7 @@ def _ctx_env(queue, tmp_path):
         if queue.device in devices:
             ctx = f"{p}:{devices.index(queue.device)}"
             break
-    return dict(os.environ, PYOPENCL_CTX=ctx, PYTHONPATH=str(REPO),
+    return dict(os.environ, PYOPENCL_CTX=ctx, PYTHONPATH=python_path(),
                 POCL_CACHE_DIR=str(tmp_path / "pocl"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
 
 

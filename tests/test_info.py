@@ -150,7 +150,7 @@ def test_default_layouts(clean_env):
             assert (record.layout.kind, record.layout.local_size) == ("cpu", 1)
             assert record.layout.vector_bytes <= 32, "never wider than 32 bytes on a CPU by default"
         else:
-            assert (record.layout.kind, record.layout.local_size) == ("gpu", 256)
+            assert (record.layout.kind, record.layout.local_size) == ("gpu", 128)
             assert record.layout.vector_bytes <= 16
 
 
@@ -158,7 +158,7 @@ def test_overrides_change_the_layout(clean_env):
     clean_env.setenv("NETCL_LAYOUT", "gpu")
     clean_env.setenv("NETCL_VECTOR_BYTES", "8")
     for record in netcl.devices():
-        assert (record.layout.kind, record.layout.local_size, record.layout.vector_bytes) == ("gpu", 256, 8)
+        assert (record.layout.kind, record.layout.local_size, record.layout.vector_bytes) == ("gpu", 128, 8)
         assert "NETCL_LAYOUT=gpu" in record.layout.reason
         assert "NETCL_VECTOR_BYTES=8" in record.layout.reason
     clean_env.setenv("NETCL_LAYOUT", "cpu")
@@ -170,7 +170,7 @@ def test_overrides_change_the_layout(clean_env):
     result = run_info("--json", env_overrides={"NETCL_LAYOUT": "gpu", "NETCL_VECTOR_BYTES": "16"})
     assert result.returncode == 0, result.stderr
     for d in json.loads(result.stdout)["devices"]:
-        assert (d["layout"]["kind"], d["layout"]["local_size"], d["layout"]["vector_bytes"]) == ("gpu", 256, 16)
+        assert (d["layout"]["kind"], d["layout"]["local_size"], d["layout"]["vector_bytes"]) == ("gpu", 128, 16)
         assert d["layout"]["vector_width"] == {"float32": 4, "float64": 2}
 
 
