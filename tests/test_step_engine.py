@@ -212,11 +212,72 @@ def test_arguments_are_set_only_where_arrays_changed(ctx_factory, monkeypatch, g
     opt.step()
     launches = len(opt._program.updates)
     assert counter.calls == launches
+    passes = 2 if guarded else 1  # the update, and the statistics pass
     counter.calls = 0
     set_grads(queue, params, grads_for(params, 1, np.float32))  # every grad new
     opt.step()
-    # a buffer and an offset per gradient, in the update and the statistics pass
-    assert counter.calls == 2 * len(params) * (2 if guarded else 1)
+    # at the same offsets (0): one buffer argument per gradient and pass
+    assert counter.calls == len(params) * passes
+    # views at other (still vector-aligned) offsets: the buffer and the offset
+    host = grads_for(params, 2, np.float32)
+    whole = cla.zeros(queue, 128 * (len(params) + 1), np.float32)
+    counter.calls = 0
+    for k, (p, g) in enumerate(zip(params, host)):
+        p.grad = whole[128 * (k + 1):128 * (k + 1) + g.size]
+    opt.step()
+    assert counter.calls == 2 * len(params) * passes
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_replaced_gradients_step_like_torch(ctx_factory, guarded):
+    """Gradients replaced between steps by new arrays (the re-bind that sets
+    only their buffers), by views at new offsets, by arrays in place, and
+    missing for a step: every step matches torch's."""
+    torch = pytest.importorskip("torch")
+    queue = make_queue(ctx_factory)
+    sizes = [300, 7, 4096, 1, 64]
+    params = make_params(queue, np.float32, sizes=sizes)
+    tensors = [torch.tensor(p.data.get(), requires_grad=True) for p in params]
+    opt = Adam(params, lr=1e-2, skip_nonfinite=guarded)
+    topt = torch.optim.Adam(tensors, lr=1e-2)
+    for step, how in enumerate(["new", "new", "in place", "views", "new", "one missing",
+                                "new", "views"]):
+        host = grads_for(params, step, np.float32)
+        if how == "new":
+            set_grads(queue, params, host)
+        elif how == "in place":
+            for p, g in zip(params, host):
+                p.grad.set(g)
+        elif how == "views":
+            whole = cla.to_device(queue, np.concatenate([np.zeros(step, np.float32)] + host))
+            start = step
+            for p, g in zip(params, host):
+                p.grad = whole[start:start + g.size]
+                start += g.size
+        else:
+            set_grads(queue, params, host)
+            params[1].grad = None
+        for i, (t, g) in enumerate(zip(tensors, host)):
+            t.grad = None if how == "one missing" and i == 1 else torch.tensor(g)
+        opt.step()
+        topt.step()
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            assert_close(p.data.get(), t.detach().numpy(), f"step {step} ({how}) param {i}",
+                         nulp=4)
+
+
+def test_replaced_gradient_of_another_dtype_is_refused(ctx_factory):
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[10, 20])
+    opt = SGD(params, lr=0.1)
+    set_grads(queue, params, grads_for(params, 0, np.float32))
+    opt.step()
+    before = [p.data.get() for p in params]
+    params[1].grad = cla.zeros(queue, 20, np.float64)
+    with pytest.raises(TypeError, match="parameter 1.*dtype"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert np.array_equal(p.data.get(), b)
 
 
 def test_unguarded_step_after_a_skipped_scaled_step_counts(ctx_factory):

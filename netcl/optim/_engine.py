@@ -315,6 +315,7 @@ class Program:
         self.stats_rows = []       # their rows' parameter indices, in row order
         self.stats_buffer = None
         self.tracked_indices = {}  # group -> indices of its parameters in this step
+        self._grad_slots = None    # id(param) -> [(launch, g argument, slot)], when needed
 
     # ------------------------------------------------------------- building
     def add_update(self, group, launch, kernel_and_args, params, state_names, new_state):
@@ -436,6 +437,29 @@ class Program:
                             entries[id(p)].buffers().get, bound.state_names)))):
                     continue
                 self._bind_slot(bound, k, p, new_state.get(id(p)))
+
+    def rebind_grads(self, params):
+        """Point the launches at the new ``.grad`` arrays of ``params``, each
+        at the same offset as the array it replaces (so only the buffer
+        argument changes): the step after a backward pass that allocated
+        its gradients. The caller has checked everything else. Returns False,
+        changing nothing, if a parameter has no slot of its own (it is in a
+        flat batch, whose slot is the shared buffer)."""
+        slots = self._grad_slots
+        if slots is None:
+            slots = self._grad_slots = {}
+            for bound in self.updates + self.stats:
+                for k, p in enumerate(bound.params):
+                    slots.setdefault(id(p), []).append((bound, bound.positions[f"g{k}"], k))
+        if not all(id(p) in slots for p in params):
+            return False
+        for p in params:
+            grad = p.grad
+            for bound, position, k in slots[id(p)]:
+                bound.kernel.set_arg(position, grad.base_data)
+                data, _, state = bound.seen[k]
+                bound.seen[k] = (data, grad, state)
+        return True
 
     def _bind_tensors_tail(self, bound):
         # Unused slots point at a buffer the optimizer owns for its lifetime:

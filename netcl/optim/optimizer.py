@@ -29,6 +29,7 @@ _PLAN_CACHE_SIZE = 32
 
 # Every optimizer family, by class name, in definition order (see families()).
 _FAMILIES = {}
+_NOT_STEPPED = object()  # a parameter the last step did not update
 
 
 def families():
@@ -738,10 +739,11 @@ class Optimizer:
         groups = self._group_scalars()  # validates every group first
         program = self._program
         if not (program is not None and self._tracked
-                and program.generation == parameter_generation()
                 and program.state_version == self._state_version
                 and program.scaler_key == scaler_key
-                and program.groups_key == self._groups_key(groups)):
+                and program.groups_key == self._groups_key(groups)
+                and (program.generation == parameter_generation()
+                     or self._rebind_new_grads(program))):
             program = self._prepare_step(groups, scaler_key)
         program.set_scalars([values for _, values in groups], scaler)
         program.enqueue(self._queue)
@@ -780,6 +782,48 @@ class Optimizer:
     def _groups_key(self, groups):
         return tuple((id(group["params"]), len(group["params"]), tuple(sorted(flags.items())))
                      for group, (flags, _) in zip(self.param_groups, groups))
+
+    def _rebind_new_grads(self, program):
+        """Reuse ``program`` when the only change since it was bound is new
+        ``.grad`` arrays, each valid and at its predecessor's offset (a
+        backward pass that allocates its gradients): re-set just those
+        buffer arguments, one pass over the parameters. Returns False
+        when anything else changed (a parameter's data, which parameters
+        have gradients, an offset, a flat batch, an invalid gradient);
+        :meth:`_prepare_step` then rebuilds, or raises naming the culprit."""
+        seen_grads, seen_data = self._checked_grads, self._checked_data
+        changed = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                old = seen_grads.get(id(p), _NOT_STEPPED)
+                if grad is old:
+                    if grad is not None and seen_data.get(id(p)) is not p.data:
+                        return False
+                    continue
+                if old is _NOT_STEPPED:
+                    if grad is None:
+                        continue
+                    return False
+                if (grad is None or seen_data.get(id(p)) is not p.data
+                        or not isinstance(grad, cla.Array) or grad.offset != old.offset
+                        or not isinstance(p, Parameter)):
+                    return False
+                # Shaped, typed and laid out like the array it replaces, in
+                # the same context: as valid as that one was.
+                if not (grad.shape == old.shape and grad.dtype is old.dtype
+                        and grad.strides == old.strides and grad.context is old.context):
+                    try:
+                        self._check_grad(p)
+                    except (TypeError, ValueError):
+                        return False
+                changed.append(p)
+        if not program.rebind_grads(changed):
+            return False
+        for p in changed:
+            seen_grads[id(p)] = p.grad
+        program.generation = parameter_generation()
+        return True
 
     def _prepare_step(self, groups, scaler_key):
         """Check everything and build (or refresh) the step's program; on
