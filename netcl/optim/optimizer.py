@@ -806,8 +806,7 @@ class Optimizer:
                         continue
                     return False
                 if (grad is None or seen_data.get(id(p)) is not p.data
-                        or not isinstance(grad, cla.Array) or grad.offset != old.offset
-                        or not isinstance(p, Parameter)):
+                        or not isinstance(grad, cla.Array) or grad.offset != old.offset):
                     return False
                 # Shaped, typed and laid out like the array it replaces, in
                 # the same context: as valid as that one was.
