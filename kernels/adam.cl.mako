@@ -28,21 +28,21 @@ tensor's neg_step_size (-lr / (1 - beta1^t)) and bias_correction2_sqrt
 % if weight_decay and decoupled:
         p = p * decay_factor;
 % elif weight_decay:
-        g = fma((${T})weight_decay_value, p, g);
+        g = netcl_fma((${T})weight_decay_value, p, g);
 % endif
         // exp_avg.lerp_(g, 1 - beta1): ATen picks the form by the weight's size.
         if (one_minus_beta1 < 0.5)
-            exp_avg = fma((${T})one_minus_beta1, g - exp_avg, exp_avg);
+            exp_avg = netcl_fma((${T})one_minus_beta1, g - exp_avg, exp_avg);
         else
-            exp_avg = fma((${T})(one_minus_beta1 - 1), g - exp_avg, g);
+            exp_avg = netcl_fma((${T})(one_minus_beta1 - 1), g - exp_avg, g);
         // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        exp_avg_sq = fma(one_minus_beta2 * g, g, exp_avg_sq * beta2);
+        exp_avg_sq = netcl_fma(one_minus_beta2 * g, g, exp_avg_sq * beta2);
 % if amsgrad:
         // torch.maximum: NaN in exp_avg_sq propagates.
         max_exp_avg_sq = (max_exp_avg_sq >= exp_avg_sq) ? max_exp_avg_sq : exp_avg_sq;
-        ${T} denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps;
+        ${T} denom = netcl_sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps;
 % else:
-        ${T} denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps;
+        ${T} denom = netcl_sqrt(exp_avg_sq) / bias_correction2_sqrt + eps;
 % endif
 % if track_stats:
         // The factor that multiplies exp_avg.

@@ -60,6 +60,7 @@ Flags: kernel, and per kernel —
         return float(np.float32(1e-6)).hex() + "f"
 %>
 <%page args="kernel, **flags"/>
+<%namespace name="math" file="inline_math.cl.mako"/>
 // Rounding follows the formulas as written: no contraction into fma.
 #pragma OPENCL FP_CONTRACT OFF
 ${getattr(self, kernel)(**flags)}
@@ -124,6 +125,7 @@ ${getattr(self, kernel)(**flags)}
         return "vstore%d(v, i, g_ptr);" % W
 %>
 ${fp64(param_t, acc_t, norm_t)}
+${math.declare(sorted({param_t, acc_t}), sorted({1, W}))}
 __kernel void ${name}(
     ${",\n    ".join(declarations)})
 {
@@ -200,7 +202,7 @@ __kernel void ${name}(
         # cond ? b : a, elementwise (vectors need select, scalars a ternary)
         if width == 1:
             return "((%s) ? (%s) : (%s))" % (cond, b, a)
-        return "select(%s, %s, %s)" % (a, b, cond)
+        return "netcl_select(%s, %s, %s)" % (a, b, cond)
 %>\
 {
             ${T} v = ${load};
@@ -216,7 +218,7 @@ __kernel void ${name}(
             v = ${select("v", "(%s)hi" % T, "v > (%s)hi" % T)};
             ${store}
 % else:
-            const ${A} a = fabs(${convert("v", width)});
+            const ${A} a = netcl_fabs(${convert("v", width)});
   % if kind == "2":
             ${acc} += a * a;
   % elif kind == "1":
@@ -226,9 +228,9 @@ __kernel void ${name}(
   % elif kind == "0":
             ${acc} += ${select("(%s)0" % A, "(%s)1" % A, "a != (%s)0" % A)};
   % elif kind == "inf":
-            ${acc} = ${select(acc, "a", "(a > %s) | isnan(a)" % acc)};
+            ${acc} = ${select(acc, "a", "(a > %s) | (a != a)" % acc)};
   % elif kind == "-inf":
-            ${acc} = ${select(acc, "a", "(a < %s) | isnan(a)" % acc)};
+            ${acc} = ${select(acc, "a", "(a < %s) | (a != a)" % acc)};
   % endif
 % endif
         }

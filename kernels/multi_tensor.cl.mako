@@ -36,12 +36,16 @@ non-finite gradient does; g is multiplied by control[1], the gradient
 unscale factor, then by control[2], the clipping coefficient — two roundings,
 as torch's GradScaler.unscale_ followed by clip_grad_norm_).
 
-track_stats (with second_moment, momentum_state: the state names whose
-squares are summed, or None; effective_lr: the family's update() assigns
-the local effective_lr; local_size: work-items per group) also accumulates
-the step's statistics (track_stats.cl.mako) and writes one row of them per
-work-group to stats_out, also on a skipped step (gradient and parameter
-statistics only).
+local_size: work-items per group (1 on CPU layouts; given with
+track_stats or int8 state, else 1). track_stats (with second_moment,
+momentum_state: the state names whose squares are summed, or None;
+effective_lr: the family's update() assigns the local effective_lr) also
+accumulates the step's statistics (track_stats.cl.mako) and writes one row
+of them per work-group to stats_out, also on a skipped step (gradient and
+parameter statistics only).
+
+Builtins called per element go through inline_math.cl.mako (netcl_fma,
+netcl_select, ...): on PoCL's CPU devices OpenCL's own are function calls.
 
 Work-items of a group stride through the chunk together: on a GPU that
 coalesces; on a CPU the host launches one work-item per group, which PoCL
@@ -52,6 +56,7 @@ runs as a plain loop.
     from netcl.optim import _quantize
 %>
 <%namespace name="stats" file="track_stats.cl.mako"/>
+<%namespace name="math" file="inline_math.cl.mako"/>
 <%
     W = vector_width
 
@@ -116,6 +121,22 @@ runs as a plain loop.
 
     def qmap(name):
         return "netcl_qmap_signed" if name in signed_codes else "netcl_qmap_unsigned"
+
+    def codes(name, width):
+        return "%s_ptr[at]" % name if width == 1 else access(name + "_ptr", "uchar", width) or "vload%d(0, %s_ptr + at)" % (width, name)
+
+    # On CPU layouts the new values of a block's int8 state wait in private
+    # arrays (vectors, so whole vectors are stored and loaded) until the
+    # block's new scale is known.
+    keep_block = local_size == 1
+
+    def kept(name, width):
+        if width == W:
+            return "%s_block[(at - begin) / %d]" % (name, W)
+        return "((float *)%s_block)[at - begin]" % name
+
+    def lanes(width):
+        return ["s%x" % j for j in range(width)]
     pointer_types = {"float": "float", "double": "double", "half": "half",
                      "bfloat16": "ushort", "codes": "uchar"}
     formats_used = {param_format} | set(state_formats)
@@ -139,7 +160,7 @@ runs as a plain loop.
         ${T} g = ${load("g_ptr", param_format, state_t, width)};
 % for name in family_names:
   % if name in quantized:
-        ${T} ${name} = ${qmap(name)}[${name}_ptr[at]] * ${name}_scale;
+        ${T} ${name} = netcl_dequantize_${width}(${qmap(name)}, ${codes(name, width)}) * ${name}_scale;
   % else:
         ${T} ${name} = ${load(name + "_ptr", formats[name], state_t, width)};
   % endif
@@ -159,15 +180,16 @@ ${stats.before(T, width)}
         g = g * clip_coef;
 % endif
 ${self.update(T)}
-% if phase == "measure":
+% if phase in ("measure", "keep"):
   % for name in quantized:
-        ${name}_max = fmax(${name}_max, fabs(${name}));
+        ${name}_max${"" if width == 1 else "_lanes"} = netcl_fmax(${name}_max${"" if width == 1 else "_lanes"}, netcl_fabs(${name}));
   % endfor
-% else:
-${stores(T, width)}
+% endif
+% if phase != "measure":
+${stores(T, width, phase)}
 % endif
 </%def>
-<%def name="stores(T, width)">
+<%def name="stores(T, width, phase)">
 % if track_stats:
 ${stats.after(T, width, second_moment, momentum_state, effective_lr)}
 % endif
@@ -189,9 +211,12 @@ ${stats.after(T, width, second_moment, momentum_state, effective_lr)}
         ${store("p", "p_ptr", param_format, state_t, width, stochastic)}
 % endif
 % for name in family_names:
-  % if name in quantized:
-        ${name}_ptr[at] = netcl_quantize(${qmap(name)},
-            ${name}_new_scale > 0.0f ? ${name} / ${name}_new_scale : 0.0f);
+  % if name in quantized and phase == "keep":
+        ${kept(name, width)} = ${name};
+  % elif name in quantized:
+        {
+${quantize_store(name, T, width)}
+        }
   % else:
         ${store(name, name + "_ptr", formats[name], state_t, width)}
   % endif
@@ -212,7 +237,7 @@ inline ${S} netcl_to_bf16_rte_${width}(const ${F} x)
 {
     const ${U} b = as_${U}(x);
     const ${U} rounded = (b + (${U})0x7FFFu + ((b >> 16) & (${U})1u)) >> 16;
-    return convert_${S}(select(rounded, (b >> 16) | (${U})0x40u, x != x));
+    return convert_${S}(netcl_select(rounded, (b >> 16) | (${U})0x40u, x != x));
 }
 % endif
 % if stochastic:
@@ -234,7 +259,7 @@ inline ${S} netcl_to_bf16_sr_${width}(const ${F} x, const ${U} rand)
 {
     const ${U} b = as_${U}(x);
     const ${U} rounded = (b + (rand >> 16)) >> 16;
-    return convert_${S}(select(rounded, (b >> 16) | (${U})0x40u, x != x));
+    return convert_${S}(netcl_select(rounded, (b >> 16) | (${U})0x40u, x != x));
 }
   % elif param_format == "half":
 // x rounded stochastically to a value float16 holds exactly (the store's
@@ -262,26 +287,59 @@ inline ${F} netcl_half_sr_${width}(const ${F} x, const ${U} rand)
 % if "double" in (param_t, state_t, factor_t):
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 % endif
+${math.declare(sorted({state_t, "float"}), widths)}
 % for width in widths:
 ${helpers(width)}
 % endfor
 % if quantized:
 __constant float netcl_qmap_signed[256] = {${_quantize.c_array(_quantize.MAPS[True])}};
 __constant float netcl_qmap_unsigned[256] = {${_quantize.c_array(_quantize.MAPS[False])}};
-
-// The index of the map entry nearest to x (the lower one on a tie): a
-// binary search for the last entry <= x, then the nearer neighbour.
-inline uchar netcl_quantize(__constant const float *map, const float x)
-{
-    uint low = 0;
-    for (uint step = 128; step > 0; step >>= 1)
-        low += map[low + step] <= x ? step : 0;
-    if (low < 255 && x - map[low] > map[low + 1] - x)
-        low += 1;
-    return (uchar)low;
-}
+// netcl.optim._quantize.thresholds and bucket_table.
+% for signed, name in ((True, "signed"), (False, "unsigned")):
+__constant float netcl_qmap_${name}_thresholds[256] = {${_quantize.c_array(_quantize.thresholds(signed))}};
+__constant uchar netcl_qmap_${name}_buckets[${2 * _quantize.BUCKETS}] = {${_quantize.c_uchar_array(_quantize.bucket_table(signed))}};
+% endfor
+  % for width in widths:
+${quantize_helpers(width)}
+  % endfor
 % endif
 
+<%def name="gather(t, table, index, width)">\
+% if width == 1:
+${table}[${index}]\
+% else:
+(${vec(t, width)})(${", ".join("%s[%s.%s]" % (table, index, lane) for lane in lanes(width))})\
+% endif
+</%def>
+<%def name="quantize_helpers(width)">
+<%
+    F, U, C = (vec(t, width) for t in ("float", "uint", "uchar"))
+    mask = "int" if width == 1 else vec("int", width)
+%>\
+inline ${F} netcl_dequantize_${width}(__constant const float *map, const ${C} codes)
+{
+    return ${gather("float", "map", "codes", width)};
+}
+
+// The index of the map entry nearest to x (the lower one on a tie; a NaN
+// gets the code of 0): the number of decision thresholds at or below x,
+// those below x's bucket counted in the bucket table.
+inline ${C} netcl_quantize_${width}(__constant const float *thresholds,
+                                    __constant const uchar *buckets, const uint zero,
+                                    const ${F} x)
+{
+    const ${U} bits = as_${U}(x);
+    const ${U} magnitude = (bits & 0x7FFFFFFFu) >> ${_quantize.BUCKET_SHIFT};
+    const ${U} clamped = netcl_select(netcl_select(magnitude, (${U})${_quantize.LOW_BUCKET}u,
+                                                  magnitude < ${_quantize.LOW_BUCKET}u),
+                                     (${U})${_quantize.HIGH_BUCKET}u, magnitude > ${_quantize.HIGH_BUCKET}u);
+    const ${U} bucket = clamped - ${_quantize.LOW_BUCKET}u + (bits >> 31) * ${_quantize.BUCKETS}u;
+    const ${U} below = ${gather("uint", "buckets", "bucket", width)};
+    const ${F} next = ${gather("float", "thresholds", "below", width)};
+    const ${U} code = netcl_select(below, below + 1u, x >= next);
+    return convert_${C}(netcl_select(netcl_select(code, (${U})255u, code > 255u), (${U})zero, x != x));
+}
+</%def>
 <%def name="skipped_element(width)">
 <% T = vec(state_t, width) %>\
         ${T} p = ${load("p_ptr", param_format, state_t, width)};
@@ -317,6 +375,48 @@ ${body(1)}
     }
 % endif
 </%def>
+<%def name="block_loops(phase)">
+<% body = requantize if phase == "requantize" else element %>\
+% if W > 1:
+        for (uint at = begin; at < vector_end; at += ${W}) {
+            const uint i = at / ${W};
+${body(W, phase)}
+        }
+% endif
+        for (uint at = ${"vector_end" if W > 1 else "begin"}; at < end; ++at) {
+${body(1, phase)}
+        }
+</%def>
+<%def name="quantize_store(name, T, width)">
+            // The nearest code to the value over the block's new scale.
+            const ${vec("uchar", width)} codes = netcl_quantize_${width}(${qmap(name)}_thresholds, ${qmap(name)}_buckets,
+                ${_quantize.zero_code(name in signed_codes)}u,
+                ${name}_new_scale > 0.0f ? ${name} / ${name}_new_scale : (${T})0.0f);
+% if width == 1 or aligned:
+            ${access(name + "_ptr", "uchar", width)} = codes;
+% else:
+            vstore${width}(codes, 0, ${name}_ptr + at);
+% endif
+</%def>
+<%def name="requantize(width, phase)">
+<% T = vec(state_t, width) %>\
+% for name in quantized:
+        {
+            const ${T} ${name} = ${kept(name, width)};
+${quantize_store(name, T, width)}
+        }
+% endfor
+</%def>
+<%def name="max_of_lanes(name)">\
+<% parts = ["%s.%s" % (name, lane) for lane in lanes(W)] %>\
+${reduce_max(parts)}\
+</%def>
+<%!
+    def reduce_max(parts):
+        while len(parts) > 1:
+            parts = ["netcl_fmax(%s, %s)" % (a, b) for a, b in zip(parts[::2], parts[1::2])]
+        return parts[0]
+%>
 <%def name="factors()"></%def>
 __kernel void optimizer_step(
     ${",\n    ".join(declarations)})
@@ -384,26 +484,44 @@ ${finish_stats()}
     }
 % endif
 % if quantized:
-    // A work-item owns whole blocks (a row starts on a block boundary): it
-    // computes the block's new state once for the new scales, then again,
-    // identically, to store the parameter and the re-quantised state.
+    // A work-item owns whole blocks (a row starts on a block boundary). On
+    // CPU layouts it updates a block once, keeping the new int8 state in
+    // private arrays until their largest magnitudes (the new scales) are
+    // known, then quantises those; elsewhere (a private array per work-item
+    // would spill) it computes the block's new state once for the scales,
+    // then again, identically, to store the parameter and the codes.
     const uint n_blocks = (count + ${_quantize.BLOCK - 1}) / ${_quantize.BLOCK};
     for (uint b = get_local_id(0); b < n_blocks; b += get_local_size(0)) {
         const uint begin = b * ${_quantize.BLOCK};
         const uint end = min(begin + ${_quantize.BLOCK}, count);
+        // Whole vectors, then (only in a tensor's last block) the rest.
+        const uint vector_end = begin + (end - begin) / ${W} * ${W};
   % for name in quantized:
         const float ${name}_scale = ${name}${_quantize.ABSMAX}_ptr[b];
         float ${name}_max = 0.0f;
+    % if W > 1:
+        ${vec("float")} ${name}_max_lanes = 0.0f;
+    % endif
   % endfor
-        for (uint at = begin; at < end; ++at) {
-${element(1, "measure")}
-        }
+  % if keep_block:
+    % for name in quantized:
+        ${vec("float")} ${name}_block[${_quantize.BLOCK // W}];
+    % endfor
+${block_loops("keep")}
+  % else:
+${block_loops("measure")}
+  % endif
   % for name in quantized:
+    % if W > 1:
+        ${name}_max = netcl_fmax(${name}_max, ${max_of_lanes(name + "_max_lanes")});
+    % endif
         const float ${name}_new_scale = ${name}_max;
   % endfor
-        for (uint at = begin; at < end; ++at) {
-${element(1, "store")}
-        }
+  % if keep_block:
+${block_loops("requantize")}
+  % else:
+${block_loops("store")}
+  % endif
   % for name in quantized:
         ${name}${_quantize.ABSMAX}_ptr[b] = ${name}_new_scale;
   % endfor

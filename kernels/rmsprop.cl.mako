@@ -28,7 +28,7 @@ decay_factor (1 - lr * wd), computed on the host in float64; factor_alpha
     # stored state itself.
     v = "v_hat" if bias_correction else "square_avg"
     m = "m_hat" if bias_correction else "grad_avg"
-    s = "fma(-%s, %s, %s)" % (m, m, v) if centered else v
+    s = "netcl_fma(-%s, %s, %s)" % (m, m, v) if centered else v
 %>\
 % if maximize:
         g = -g;
@@ -36,15 +36,15 @@ decay_factor (1 - lr * wd), computed on the host in float64; factor_alpha
 % if weight_decay and decoupled:
         p = p * decay_factor;
 % elif weight_decay:
-        g = fma((${T})weight_decay_value, p, g);
+        g = netcl_fma((${T})weight_decay_value, p, g);
 % endif
-        square_avg = fma(one_minus_alpha * g, g, square_avg * alpha);
+        square_avg = netcl_fma(one_minus_alpha * g, g, square_avg * alpha);
 % if centered:
         // torch's lerp: the form it picks depends on whether the weight is below 1/2.
         if (one_minus_alpha < 0.5)
-            grad_avg = fma((${T})one_minus_alpha, g - grad_avg, grad_avg);
+            grad_avg = netcl_fma((${T})one_minus_alpha, g - grad_avg, grad_avg);
         else
-            grad_avg = fma((${T})(one_minus_alpha - 1), g - grad_avg, g);
+            grad_avg = netcl_fma((${T})(one_minus_alpha - 1), g - grad_avg, g);
 % endif
 % if bias_correction:
         // The stored averages stay uncorrected.
@@ -60,9 +60,9 @@ decay_factor (1 - lr * wd), computed on the host in float64; factor_alpha
 <% s = "s" %>\
 % endif
 % if eps_in_sqrt:
-        ${T} avg = sqrt(${s} + eps);
+        ${T} avg = netcl_sqrt(${s} + eps);
 % else:
-        ${T} avg = sqrt(${s}) + eps;
+        ${T} avg = netcl_sqrt(${s}) + eps;
 % endif
 % if track_stats:
         ${T} effective_lr = lr / avg;
@@ -78,7 +78,7 @@ decay_factor (1 - lr * wd), computed on the host in float64; factor_alpha
   % if lr_in_momentum:
         p = p - (${q});
   % else:
-        p = fma((${T})(-lr), ${q}, p);
+        p = netcl_fma((${T})(-lr), ${q}, p);
   % endif
 % else:
         p = p + (-lr * g) / avg;

@@ -19,18 +19,18 @@ dampening, as torch does when it creates the buffer.
         g = -g;
 % endif
 % if weight_decay:
-        g = fma((${T})weight_decay_value, p, g);
+        g = netcl_fma((${T})weight_decay_value, p, g);
 % endif
 % if momentum:
         if (first_step)
             momentum_buffer = g;
         else
-            momentum_buffer = fma((${T})one_minus_dampening, g, momentum_buffer * momentum_value);
+            momentum_buffer = netcl_fma((${T})one_minus_dampening, g, momentum_buffer * momentum_value);
   % if nesterov:
-        g = fma((${T})momentum_value, momentum_buffer, g);
+        g = netcl_fma((${T})momentum_value, momentum_buffer, g);
   % else:
         g = momentum_buffer;
   % endif
 % endif
-        p = fma((${T})(-lr), g, p);
+        p = netcl_fma((${T})(-lr), g, p);
 </%def>

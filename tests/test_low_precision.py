@@ -457,12 +457,69 @@ def recipe_map(signed):
 
 
 def quantize(x, table):
-    """Nearest map entry to each float32 x (the lower on a tie)."""
+    """Nearest map entry to each float32 x (the lower on a tie, in float32
+    arithmetic); NaN gets the code of 0."""
     x = np.asarray(x, np.float32)
     index = np.clip(np.searchsorted(table, x, side="right") - 1, 0, 255)
     upper = np.minimum(index + 1, 255)
-    nearer_up = (index < 255) & ((x - table[index]) > (table[upper] - x))
-    return (index + nearer_up).astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        nearer_up = (index < 255) & ((x - table[index]) > (table[upper] - x))
+    code = index + nearer_up
+    return np.where(np.isnan(x), np.flatnonzero(table == 0)[0], code).astype(np.uint8)
+
+
+def quantisation_probes(table):
+    """float32 values where a nearest-entry choice can go wrong: every entry,
+    every midpoint between neighbours, each +-4 ulps; every 16-bit bucket
+    edge (the kernel looks values up by their upper 16 bits) +-1 ulp over
+    [2**-40, 1]; zeros, subnormals and NaN."""
+    mids = ((table[:-1].astype(np.float64) + table[1:]) / 2).astype(np.float32)
+    centres = np.concatenate([table, mids])
+    ulps = np.arange(-4, 5, dtype=np.int64)
+    # Integer steps on the bits: ulps of the magnitude (mirrored below).
+    near = (centres.view(np.int32)[:, None].astype(np.int64) + ulps).reshape(-1)
+    edges = np.arange(np.float32(2**-40).view(np.uint32) >> 16, 0x3F81, dtype=np.int64) << 16
+    edges = (edges[:, None] + np.array([-1, 0, 1])).reshape(-1)
+    positive = np.concatenate([near.astype(np.uint32).view(np.float32),
+                               edges.astype(np.uint32).view(np.float32)])
+    positive = np.abs(positive[np.isfinite(positive)])
+    specials = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-39, np.nan], np.float32)
+    values = np.concatenate([positive, -positive, specials])
+    return values[~(np.abs(values) > 1)]
+
+
+def test_int8_codes_are_the_nearest_map_entries(ctx_factory):
+    """Through the update kernel, values chosen at every decision point of
+    both maps: Adam with betas (0, 0) makes the first moment the gradient
+    and the second its square; a 1.0 first in each block makes every block's
+    scale 1, so the codes must be quantize(g) and quantize(g*g)."""
+    from netcl.optim import _quantize
+    queue = make_queue(ctx_factory)
+    signed, unsigned = recipe_map(True), recipe_map(False)
+    # Square roots of the unsigned map's decision points put g*g next to them.
+    targets = quantisation_probes(unsigned)
+    roots = np.sqrt(np.abs(targets[np.isfinite(targets)]).astype(np.float64)).astype(np.float32)
+    values = np.concatenate([quantisation_probes(signed), roots])
+    rng = np.random.default_rng(23)
+    values = values[rng.permutation(values.size)]
+    # 255 values per block after its 1.0; a partial last block of 13 + 1.
+    per_block = _quantize.BLOCK - 1
+    values = np.concatenate([values, np.zeros(-(values.size - 13) % per_block, np.float32)])
+    blocks = np.split(values, np.arange(per_block, values.size, per_block))
+    g = np.concatenate([np.concatenate([[np.float32(1.0)], b]) for b in blocks]).astype(
+        np.float32)
+    p = netcl.Parameter(cla.to_device(queue, np.zeros_like(g)))
+    p.grad = cla.to_device(queue, g)
+    opt = Adam([p], lr=1e-3, betas=(0.0, 0.0), state_dtype="int8")
+    opt.step()
+    state = opt.state[id(p)]
+    for name, expected_values, table in (("exp_avg", g, signed),
+                                         ("exp_avg_sq", g * g, unsigned)):
+        np.testing.assert_array_equal(host(state[name + "_absmax"]), 1.0, err_msg=name)
+        codes = host(state[name])
+        expected = quantize(expected_values, table)
+        wrong = np.flatnonzero(codes != expected)
+        assert wrong.size == 0, (name, g[wrong[:5]], codes[wrong[:5]], expected[wrong[:5]])
 
 
 def test_dynamic_maps():

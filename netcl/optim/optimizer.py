@@ -1085,6 +1085,8 @@ class Optimizer:
         # Which state the statistics read (none without track_stats, so the
         # plain kernels' cache keys stay as they are).
         roles = dict(second_moment=None, momentum_state=None, effective_lr=False, local_size=1)
+        if any(name.endswith(_quantize.ABSMAX) for name in state_names):
+            roles["local_size"] = layout.local_size  # int8 state keeps blocks on CPUs
         if track_stats:
             roles = dict(
                 second_moment=self.stats_second_moment
