@@ -59,14 +59,16 @@ ${getattr(self, kernel)(**flags)}
     # overflows float32 stays an infinite norm (as torch's) and not a
     # found-inf.
     V = load_t if W == 1 else "%s%d" % (load_t, W)
-    if load("i", W):
-        body_load = load("i", W)
-    elif W == 1:
-        body_load = "g_ptr[i]"
-    elif aligned:
-        body_load = "((__global const %s%d *)g_ptr)[i]" % (param_t, W)
-    else:
-        body_load = "vload%d(i, g_ptr)" % W
+
+    def vector_load(index):
+        if load(index, W):
+            return load(index, W)
+        if W == 1:
+            return "g_ptr[%s]" % index
+        if aligned:
+            return "((__global const %s%d *)g_ptr)[%s]" % (param_t, W, index)
+        return "vload%d(%s, g_ptr)" % (W, index)
+    body_load = vector_load("i")
     tail_load = load("at", 1) or "g_ptr[at]"
 %>
 % if "double" in (param_t, factor_t):
@@ -94,11 +96,31 @@ __kernel void grad_stats(
     // not finite: cheaper than isnan/isinf, which PoCL does not vectorise.
     ${V} acc = 0, check = 0;
     const uint n_vec = count / ${W};
+% if local_size == 1:
+    // One work-item: four partial sums, so the additions' latency overlaps
+    // (one chain would bound the loop below the memory's speed).
+    ${V} acc1 = 0, acc2 = 0, acc3 = 0;
+    uint i = 0;
+    for (; i + 4 <= n_vec; i += 4) {
+%   for j, a in enumerate(("acc", "acc1", "acc2", "acc3")):
+        const ${V} v${j} = ${vector_load("i + %d" % j)};
+        ${a} += v${j} * v${j};
+%   endfor
+        check += ((v0 - v0) + (v1 - v1)) + ((v2 - v2) + (v3 - v3));
+    }
+    for (; i < n_vec; ++i) {
+        const ${V} v = ${body_load};
+        acc += v * v;
+        check += v - v;
+    }
+    acc = (acc + acc1) + (acc2 + acc3);
+% else:
     for (uint i = get_local_id(0); i < n_vec; i += get_local_size(0)) {
         const ${V} v = ${body_load};
         acc += v * v;
         check += v - v;
     }
+% endif
     ${factor_t} sum = 0;
     ${load_t} row_check = 0;
 % if W > 1:
