@@ -65,6 +65,9 @@ def build_options(device):
     options = []
     if device.single_fp_config & cl.device_fp_config.CORRECTLY_ROUNDED_DIVIDE_SQRT:
         options.append("-cl-fp32-correctly-rounded-divide-sqrt")
+    # PoCL's CPU devices call their builtins instead of inlining them (when
+    # the host lacks a CPU feature the builtin library was built for); the
+    # kernels then use inline equivalents (kernels/inline_math.cl.mako).
     if "Portable Computing Language" in device.platform.name and \
             device.type & cl.device_type.CPU:
         options.append("-DNETCL_INLINE_MATH")
