@@ -4,7 +4,8 @@ n_tensors tensors in a single fused pass.
 
 Each work-group takes one row (tensor slot k, start, count, parameter index)
 of the chunk table built on the host, so the tensors of a launch may have any
-lengths. The body runs on explicit vectors of vector_width elements (PoCL
+lengths; start counts from where slot k's arrays begin in their buffers (the
+launch's offsets buffer). The body runs on explicit vectors of vector_width elements (PoCL
 does not vectorise scalar code that calls sqrt) and then on the scalar tail of
 the chunk, so no access ever leaves [start, start + count).
 
@@ -27,7 +28,8 @@ float32, is the parameter; p receives its rounded value), kahan (state
 kahan_comp, in the parameter's format, compensates the write-back),
 stochastic (the write-back of p rounds stochastically with the uint argument
 seed; see netcl_hash below), vector_width,
-n_tensors, state_names, declarations (the kernel's parameter list, built on
+n_tensors, state_names, shared_state (one buffer per state name for every
+tensor of the launch, each tensor's state at its offset), declarations (the kernel's parameter list, built on
 the host by netcl.optim._engine.step_arguments, the one place that defines
 the argument layout), aligned (every tensor's data and gradient start on a
 vector boundary, so whole vectors can be read through vector pointers),
@@ -52,7 +54,8 @@ coalesces; on a CPU the host launches one work-item per group, which PoCL
 runs as a plain loop.
 </%doc>
 <%!
-    from netcl.optim._engine import ROW, FOUND_INF, UNSCALE, CLIP_COEF
+    from netcl.optim._engine import (ROW, OFFSETS, P_OFFSET, G_OFFSET, S_OFFSET,
+                                     FOUND_INF, UNSCALE, CLIP_COEF)
     from netcl.optim import _quantize
 %>
 <%namespace name="stats" file="track_stats.cl.mako"/>
@@ -458,20 +461,25 @@ ${self.factors()}
     switch (k) {
 % for k in range(n_tensors):
     case ${k}:
-        p_ptr = p${k} + p${k}_offset + start;
-        g_ptr = g${k} + g${k}_offset + start;
+        p_ptr = p${k};
+        g_ptr = g${k};
   % for name in state_names:
-    % if name.endswith(_quantize.ABSMAX):
-        ${name}_ptr = ${name}${k} + start / ${_quantize.BLOCK};
-    % else:
-        ${name}_ptr = ${name}${k} + s${k}_offset + start;
-    % endif
+        ${name}_ptr = ${name}${"" if shared_state else k};
   % endfor
         break;
 % endfor
     default:
         return;
     }
+    p_ptr += offsets[${OFFSETS} * k + ${P_OFFSET}] + start;
+    g_ptr += offsets[${OFFSETS} * k + ${G_OFFSET}] + start;
+% for name in state_names:
+  % if name.endswith(_quantize.ABSMAX):
+    ${name}_ptr += start / ${_quantize.BLOCK};
+  % else:
+    ${name}_ptr += offsets[${OFFSETS} * k + ${S_OFFSET}] + start;
+  % endif
+% endfor
 
 % if track_stats:
 ${stats.declare(vec(state_t), state_t, W, factor_t, local_size)}

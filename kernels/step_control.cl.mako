@@ -26,8 +26,8 @@ Flags: kernel (which one), and per kernel —
               (max_grad_norm is set)
 </%doc>
 <%!
-    from netcl.optim._engine import (ROW, FOUND_INF, UNSCALE, CLIP_COEF, TOTAL_NORM, SCALE,
-                                     SCALER_FOUND_INF)
+    from netcl.optim._engine import (ROW, OFFSETS, G_OFFSET, FOUND_INF, UNSCALE, CLIP_COEF,
+                                     TOTAL_NORM, SCALE, SCALER_FOUND_INF)
 %>
 <%page args="kernel, **flags"/>
 ${getattr(self, kernel)(**flags)}
@@ -85,12 +85,13 @@ __kernel void grad_stats(
     switch (k) {
 % for k in range(n_tensors):
     case ${k}:
-        g_ptr = g${k} + g${k}_offset + start;
+        g_ptr = g${k};
         break;
 % endfor
     default:
         return;
     }
+    g_ptr += offsets[${OFFSETS} * k + ${G_OFFSET}] + start;
     // v - v is exactly 0 for a finite v and NaN for a NaN or infinity (no
     // contraction or fast math here), so `check` turns NaN if any element is
     // not finite: cheaper than isnan/isinf, which PoCL does not vectorise.

@@ -5,7 +5,10 @@ Host cost: median wall time of ``opt.step()`` alone (the device is drained
 before each timed call, so only the host's work is timed) for many small
 tensors: with the gradients of the last step (``same``), with a new gradient
 array for every tensor (``new``), and after :func:`netcl.optim.flatten_`
-(``flat``).
+(``flat``). On a CPU device the kernels run on the host's own cores while
+later ones are still being enqueued, so each row is also timed with the
+device *held*: a barrier waiting on a user event sits ahead of the step's
+kernels until the call returns — the host's work alone, as on a GPU.
 
 Epilogue: one training step's optimizer work on a model's shapes — netcl's
 plain Adam step; the same with ``skip_nonfinite`` (the guard: one extra read
@@ -20,6 +23,7 @@ import statistics
 import time
 
 import numpy as np
+import pyopencl as cl
 
 HOST_TENSOR_COUNTS = (1_000, 10_000)
 HOST_TENSOR_SIZE = 64
@@ -27,21 +31,26 @@ HOST_MODES = ("same", "new", "flat")
 MAX_NORM = 1.0
 
 
-def _median_host_time(step, finish, steps, warmup, before=None):
+def _median_host_time(step, queue, steps, warmup, before=None, hold=False):
     for _ in range(warmup):
         if before:
             before()
         step()
-    finish()
+    queue.finish()
     times = []
     for _ in range(steps):
         if before:
             before()
-        finish()
+        queue.finish()
+        if hold:
+            release = cl.UserEvent(queue.context)
+            cl.enqueue_barrier(queue, wait_for=[release])
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    finish()
+        if hold:
+            release.set_status(cl.command_execution_status.COMPLETE)
+    queue.finish()
     return statistics.median(times), times
 
 
@@ -71,13 +80,15 @@ def host_rows(netcl, queue, steps=15, warmup=3, counts=HOST_TENSOR_COUNTS, tick=
                 for p, g in zip(params, spare[flip[0]]):
                     p.grad = g
 
-            median, times = _median_host_time(opt.step, queue.finish, steps, warmup,
-                                              new_grads if mode == "new" else None)
+            before = new_grads if mode == "new" else None
+            median, times = _median_host_time(opt.step, queue, steps, warmup, before)
+            held, _ = _median_host_time(opt.step, queue, steps, 1, before, hold=True)
             rows.append(dict(section="host", optimizer="adam", tensors=n, mode=mode,
                              us_per_step=median * 1e6, us_per_tensor=median * 1e6 / n,
+                             us_per_tensor_held=held * 1e6 / n,
                              launches=len(opt._program.updates), steps=len(times)))
             if tick:
-                tick(steps + warmup)
+                tick(2 * steps + warmup + 1)
             del opt, params, spare
             gc.collect()
     return rows
@@ -185,10 +196,12 @@ def format_rows(rows):
         lines.append("host time per step (opt.step() alone, Adam, tensors of "
                      f"{HOST_TENSOR_SIZE} floats; median):")
         lines.append(f"  {'tensors':>8}  {'grads':<5}  {'us/step':>10}  {'us/tensor':>9}  "
-                     f"{'launches':>8}")
+                     f"{'held':>6}  {'launches':>8}   (held: us/tensor with the device "
+                     "held until step() returns)")
         for r in host:
             lines.append(f"  {r['tensors']:>8}  {r['mode']:<5}  {r['us_per_step']:>10.0f}  "
-                         f"{r['us_per_tensor']:>9.2f}  {r['launches']:>8}")
+                         f"{r['us_per_tensor']:>9.2f}  {r['us_per_tensor_held']:>6.2f}  "
+                         f"{r['launches']:>8}")
     epilogue = [r for r in rows if r["section"] == "epilogue"]
     if epilogue:
         lines.append("")

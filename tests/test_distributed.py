@@ -152,6 +152,14 @@ def test_partition_is_torchs_greedy_largest_first():
     assert partition_parameters(groups, 1) == [0] * 5
 
 
+def assert_state_bytes(measured, sizes):
+    """Adam's two float32 buffers per tensor, each tensor's region rounded
+    up to the packed-state alignment at most."""
+    from netcl.optim._arena import ALIGN
+    exact = 2 * 4 * sum(sizes)
+    assert exact <= measured <= exact + 2 * 4 * (ALIGN - 1) * len(sizes), (measured, sizes)
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_data_parallel_zero_checkpoints_and_torn_saves(ctx_factory, ranks, tmp_path):
     context = ctx_factory()
@@ -199,11 +207,11 @@ def test_data_parallel_zero_checkpoints_and_torn_saves(ctx_factory, ranks, tmp_p
     sizes = [16 * 8, 16, 4 * 16, 4]
     owners = {2: [0, 1, 1, 1], 3: [0, 2, 1, 2]}[ranks]  # largest first to the least loaded
     np.testing.assert_array_equal(out["zero_owners"], owners)
-    adam_bytes = 2 * 4 * sum(sizes)
     per_rank = [int(o["zero_adam.state_bytes"]) for o in outs]
-    assert per_rank == [2 * 4 * sum(s for s, o in zip(sizes, owners) if o == r)
-                        for r in range(ranks)]
-    assert int(out["dp_adam.state_bytes"]) == adam_bytes
+    for r in range(ranks):
+        owned = [s for s, o in zip(sizes, owners) if o == r]
+        assert_state_bytes(per_rank[r], owned)
+    assert_state_bytes(int(out["dp_adam.state_bytes"]), sizes)
     # bfloat16 state: half the bytes, still only the rank's own shard.
     assert [int(o["zero_adam_bf16_state.state_bytes"]) for o in outs] == [b // 2 for b in per_rank]
 

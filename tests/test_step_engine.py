@@ -218,14 +218,15 @@ def test_arguments_are_set_only_where_arrays_changed(ctx_factory, monkeypatch, g
     opt.step()
     # at the same offsets (0): one buffer argument per gradient and pass
     assert counter.calls == len(params) * passes
-    # views at other (still vector-aligned) offsets: the buffer and the offset
+    # views at other (still vector-aligned) offsets: the buffer argument
+    # again; the offsets go to each launch's offsets buffer, not arguments
     host = grads_for(params, 2, np.float32)
     whole = cla.zeros(queue, 128 * (len(params) + 1), np.float32)
     counter.calls = 0
     for k, (p, g) in enumerate(zip(params, host)):
         p.grad = whole[128 * (k + 1):128 * (k + 1) + g.size]
     opt.step()
-    assert counter.calls == 2 * len(params) * passes
+    assert counter.calls == len(params) * passes
 
 
 @pytest.mark.parametrize("guarded", [False, True])
@@ -351,3 +352,110 @@ def test_shard_must_name_own_parameters(ctx_factory):
     with pytest.raises(ValueError, match="not in this optimizer"):
         opt._set_shard(stranger)
     assert opt._shard is None
+
+
+def _regions_are_disjoint_and_aligned(placed, lengths, sizes, cap):
+    from netcl.optim._arena import ALIGN
+    spans = {}
+    for (arena, start), n in zip(placed, sizes):
+        assert start % ALIGN == 0
+        assert start + n <= lengths[arena]
+        spans.setdefault(arena, []).append((start, start + n))
+    for arena, parts in spans.items():
+        parts.sort()
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(parts, parts[1:]))
+        # Over the cap only when a single tensor needs it.
+        assert lengths[arena] <= cap or len(parts) == 1
+
+
+@pytest.mark.parametrize("sizes, cap", [
+    ([5, 64, 300, 1, 17, 0, 16], 10_000),
+    ([100] * 50, 1000),          # several arenas
+    ([5000, 3, 8000, 2], 4096),  # tensors bigger than the cap get arenas of their own
+])
+def test_state_arena_regions(sizes, cap):
+    from netcl.optim._arena import ALIGN, regions
+    placed, lengths = regions(sizes, cap)
+    assert len(placed) == len(sizes)
+    _regions_are_disjoint_and_aligned(placed, lengths, sizes, cap)
+    # Every arena but the last is full enough that its next tensor did not fit.
+    for arena in range(len(lengths) - 1):
+        first_next = next(n for (a, _), n in zip(placed, sizes) if a == arena + 1)
+        assert lengths[arena] + -(-first_next // ALIGN) * ALIGN > cap
+
+
+def _bases(opt, p):
+    return {name: buf.base_data for name, buf in opt._state_entries[id(p)].buffers().items()}
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[3], VARIANTS[6], VARIANTS[10]], ids=variant_id)
+def test_state_that_starts_together_shares_buffers_and_steps_like_torch(ctx_factory, variant):
+    """Parameters that start together get their state packed into one
+    buffer per state name, and their launches pass it once; replacing one
+    parameter's buffer moves it to a launch of its own; every step, before
+    and after, matches torch."""
+    torch = pytest.importorskip("torch")
+    from netcl.optim._arena import ALIGN
+    cls, kw = variant
+    queue = make_queue(ctx_factory)
+    sizes = [300, 7, 4096, 1, 64, 33]
+    params = make_params(queue, np.float32, sizes=sizes)
+    tensors = [torch.tensor(p.data.get(), requires_grad=True) for p in params]
+    opt = cls(params, **kw)
+    topt = getattr(torch.optim, {"RMSProp": "RMSprop"}.get(cls.__name__, cls.__name__))(
+        tensors, **kw)
+    for step in range(5):
+        host = grads_for(params, step, np.float32)
+        set_grads(queue, params, host)
+        for t, g in zip(tensors, host):
+            t.grad = torch.tensor(g)
+        opt.step()
+        topt.step()
+        if step == 0:
+            first = _bases(opt, params[0])
+            assert first
+            for p in params[1:]:
+                assert all(_bases(opt, p)[name] is base for name, base in first.items())
+            for p in params:
+                for buf in opt._state_entries[id(p)].buffers().values():
+                    assert (buf.offset // buf.dtype.itemsize) % ALIGN == 0
+            assert all(b.shared_state for b in opt._program.updates)
+            assert len(opt._program.updates) == 1
+        if step == 2:  # buffers of its own for parameter 2, same values
+            entry = opt.state[id(params[2])]
+            for name in first:
+                entry[name] = entry[name].copy()
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            assert_close(p.data.get(), t.detach().numpy(), f"step {step} param {i}", nulp=4)
+    shared = [b.shared_state for b in opt._program.updates]
+    assert sorted(shared) == [False, True]
+    assert [len(b.params) for b in opt._program.updates if not b.shared_state] == [1]
+
+
+def test_loaded_state_is_packed_and_resumes_exactly(ctx_factory):
+    queue = make_queue(ctx_factory)
+    sizes = [300, 7, 4096, 1, 64]
+    params = make_params(queue, np.float32, sizes=sizes)
+    opt = Adam(params, lr=1e-2, amsgrad=True)
+    for step in range(2):
+        set_grads(queue, params, grads_for(params, step, np.float32))
+        opt.step()
+    saved = opt.state_dict()
+    twin_params = [netcl.Parameter(p.data.copy()) for p in params]
+    twin = Adam(twin_params, lr=1e-2, amsgrad=True)
+    twin.load_state_dict(saved)
+    first = _bases(twin, twin_params[0])
+    for p in twin_params[1:]:
+        assert all(_bases(twin, p)[name] is base for name, base in first.items())
+    for step in range(2, 4):
+        host = grads_for(params, step, np.float32)
+        set_grads(queue, params, host)
+        set_grads(queue, twin_params, host)
+        opt.step()
+        twin.step()
+    assert all(b.shared_state for b in twin._program.updates)
+    for p, q in zip(params, twin_params):
+        assert np.array_equal(p.data.get(), q.data.get())
+    for a, b in zip(opt.state_dict()["state"].values(), twin.state_dict()["state"].values()):
+        for name in a:
+            assert np.array_equal(np.asarray(a[name]), np.asarray(b[name])), name

@@ -97,7 +97,8 @@ class _Distributed:
 
     def state_bytes(self):
         """Device bytes of optimizer state allocated on this rank (each
-        distinct buffer once: flat state counts its whole buffer)."""
+        distinct buffer once: flat and packed state count their whole
+        buffers, alignment padding included)."""
         seen = {}
         for entry in self.optim._state_entries.values():
             for buffer in entry.buffers().values():

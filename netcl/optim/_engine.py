@@ -21,7 +21,6 @@ cost must not grow with the number of tensors. So:
   step whose outcome depends on device values never waits for the host.
 """
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,10 +34,13 @@ from netcl.optim import _precision
 # that per-group overhead vanishes and small enough that a 2-core CPU or a GPU
 # gets many rows to share.
 CHUNK = 16384
-_MAX_SLOTS = 32
+_MAX_SLOTS = 64
 _UINT_LIMIT = 2**32 - CHUNK
 ROW = 4  # uints per chunk-table row: slot, start, count, parameter index
-_U32 = struct.Struct("<I")  # a uint kernel argument's bytes (OpenCL devices here are little-endian)
+# A launch's offsets buffer: per slot, the element offsets of its parameter,
+# gradient and state arrays in their buffers.
+P_OFFSET, G_OFFSET, S_OFFSET = range(3)
+OFFSETS = 3
 
 # The control buffer (float32): what the reduction pass decides for the rest
 # of the step.
@@ -75,16 +77,24 @@ def _buffer(c_type, const=False):
 
 
 def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, state_dtype,
-                   factor_dtype, track_stats=False, state_dtypes=None, seed=False):
+                   factor_dtype, track_stats=False, state_dtypes=None, seed=False,
+                   shared_state=False):
     """The parameter list of a family's update kernel, in order.
 
-    Per tensor slot ``k``: ``p<k>``, ``p<k>_offset``, ``g<k>``, ``g<k>_offset``,
-    one buffer per state name (``<name><k>``) and ``s<k>_offset`` (0, or the
-    parameter's offset for flat state); with ``track_stats`` the statistics
-    rows (factor type) and this launch's first row; ``seed`` (stochastic
-    rounding only); then the chunk table, the step counts and the control
-    buffer; then the hyperparameter scalars in the state type and the factor
-    arguments in the factor type.
+    Per tensor slot ``k``: ``p<k>``, ``g<k>`` and one buffer per state name
+    (``<name><k>``); with ``shared_state`` (every tensor's state is a view of
+    the same buffers: see :mod:`netcl.optim._arena`) one buffer per state
+    name (``<name>``) for the whole launch instead; with ``track_stats`` the statistics rows (factor type)
+    and this launch's first row; ``seed`` (stochastic rounding only); then
+    the offsets buffer (``OFFSETS`` uints per slot: where its parameter,
+    gradient and state start in their buffers), the chunk table, the step
+    counts and the control buffer; then the hyperparameter scalars in the
+    state type and the factor arguments in the factor type.
+
+    The offsets live in a buffer, not in scalar arguments, and state is
+    shared where it can be, because an enqueue's host cost grows with its
+    argument count (PoCL 3.0: ~0.25 us per scalar and ~0.5 us per buffer
+    argument, every launch).
 
     ``state_dtype`` is the compute type (float32 for float16 and bfloat16
     parameters); ``state_dtypes`` maps a state name to the dtype its buffer
@@ -98,18 +108,18 @@ def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, 
         state_dtypes.get(name, state_dtype))] for name in state_names}
     args = []
     for k in range(slots):
-        args += [Arg(f"p{k}", _buffer(param_t)), Arg(f"p{k}_offset", "const uint", np.uint32),
-                 Arg(f"g{k}", _buffer(param_t, const=True)),
-                 Arg(f"g{k}_offset", "const uint", np.uint32)]
-        args += [Arg(f"{name}{k}", _buffer(state_types[name])) for name in state_names]
-        if state_names:  # every state buffer of a tensor starts at this offset
-            args.append(Arg(f"s{k}_offset", "const uint", np.uint32))
+        args += [Arg(f"p{k}", _buffer(param_t)), Arg(f"g{k}", _buffer(param_t, const=True))]
+        if not shared_state:
+            args += [Arg(f"{name}{k}", _buffer(state_types[name])) for name in state_names]
+    if shared_state:
+        args += [Arg(name, _buffer(state_types[name])) for name in state_names]
     if track_stats:
         args += [Arg("stats_out", _buffer(factor_t)),
                  Arg("stats_row_base", "const uint", np.uint32)]
     if seed:
         args.append(Arg("seed", "const uint", np.uint32))
-    args += [Arg("chunks", _buffer("uint", const=True)),
+    args += [Arg("offsets", _buffer("uint", const=True)),
+             Arg("chunks", _buffer("uint", const=True)),
              Arg("steps", _buffer("uint", const=True)),
              Arg("control", _buffer("float", const=True))]
     args += [Arg(name, f"const {state_t}", np.dtype(state_dtype)) for name in scalar_names]
@@ -119,15 +129,14 @@ def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, 
 
 def stats_arguments(slots, param_dtype, factor_dtype):
     """The parameter list of the gradient-statistics kernel (the reduction
-    pass): per slot the gradient and its offset, then the chunk table, the
-    per-row partial results (in the factor type) and this launch's first row."""
+    pass): per slot the gradient, then the offsets buffer (laid out as the
+    update kernel's), the chunk table, the per-row partial results (in the
+    factor type) and this launch's first row."""
     param_t = _precision.POINTER_TYPES[_precision.storage_format(param_dtype)]
     factor_t = _kernels.c_type(factor_dtype)
-    args = []
-    for k in range(slots):
-        args += [Arg(f"g{k}", _buffer(param_t, const=True)),
-                 Arg(f"g{k}_offset", "const uint", np.uint32)]
-    args += [Arg("chunks", _buffer("uint", const=True)),
+    args = [Arg(f"g{k}", _buffer(param_t, const=True)) for k in range(slots)]
+    args += [Arg("offsets", _buffer("uint", const=True)),
+             Arg("chunks", _buffer("uint", const=True)),
              Arg("partials", _buffer(factor_t)),
              Arg("row_base", "const uint", np.uint32)]
     return tuple(args)
@@ -158,15 +167,18 @@ def argument_bytes(device, args):
 
 class Launch:
     """One kernel launch: which tensors (positions in its batch), how many
-    kernel slots, its chunk table, and whether every tensor in it starts on a
-    vector boundary."""
+    kernel slots, its chunk table, whether every tensor in it starts on a
+    vector boundary, and whether their state shares one buffer per name."""
 
-    __slots__ = ("indices", "slots", "table", "n_rows", "aligned", "row_params")
+    __slots__ = ("indices", "slots", "table", "n_rows", "aligned", "row_params",
+                 "shared_state")
 
-    def __init__(self, context, indices, slots, lengths, param_indices, aligned, starts=None):
+    def __init__(self, context, indices, slots, lengths, param_indices, aligned, starts=None,
+                 shared_state=False):
         self.indices = indices
         self.slots = slots
         self.aligned = aligned
+        self.shared_state = shared_state
         rows = []
         for k, (n, index) in enumerate(zip(lengths, param_indices)):
             # Flat launches: every tensor in slot 0, at its start in the shared buffers.
@@ -180,13 +192,13 @@ class Launch:
             context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=rows)
 
 
-def plan(context, lengths, param_indices, aligned, slot_choices):
+def plan(context, lengths, param_indices, aligned, slot_choices, shared_state=False):
     """Split tensors of the given lengths into launches.
 
     Empty tensors need no work and get no launch. Aligned and unaligned tensors
     go to separate launches (they need different kernels). Full launches use
     the largest slot count; the remainder uses the smallest rendered count that
-    holds it.
+    holds it. ``shared_state``: the tensors' state shares one buffer per name.
     """
     for n in lengths:
         if n >= _UINT_LIMIT:
@@ -200,7 +212,8 @@ def plan(context, lengths, param_indices, aligned, slot_choices):
             part = todo[begin:begin + k_max]
             slots = min(k for k in slot_choices if k >= len(part))
             launches.append(Launch(context, part, slots, [lengths[i] for i in part],
-                                   [param_indices[i] for i in part], kind))
+                                   [param_indices[i] for i in part], kind,
+                                   shared_state=shared_state))
     return launches
 
 
@@ -250,7 +263,8 @@ class _Bound:
     arrays those arguments were set from (to re-set only what changed)."""
 
     __slots__ = ("kernel", "positions", "params", "seen", "global_size", "local_size",
-                 "group", "state_names", "hyper", "scalars", "slots")
+                 "group", "state_names", "hyper", "scalars", "slots", "offsets",
+                 "offsets_buffer", "offsets_changed", "shared_state")
 
     def __init__(self, kernel, arguments, launch, local_size, params, group=None,
                  state_names=()):
@@ -258,6 +272,7 @@ class _Bound:
         self.positions = {a.name: i for i, a in enumerate(arguments)}
         self.params = params
         self.slots = launch.slots
+        self.shared_state = launch.shared_state
         self.seen = [None] * len(params)
         self.global_size = (launch.n_rows * local_size,)
         self.local_size = (local_size,)
@@ -267,6 +282,20 @@ class _Bound:
         after = self.positions.get("control", len(arguments))
         self.hyper = [(i, np.dtype(a.dtype).type) for i, a in enumerate(arguments) if i > after]
         self.scalars = None
+        # The offsets buffer's contents, kept on the host; unused slots read 0.
+        self.offsets = np.zeros(max(1, launch.slots) * OFFSETS, np.uint32)
+        self.offsets_buffer = cl.Buffer(kernel.context, cl.mem_flags.READ_ONLY,
+                                        self.offsets.nbytes)
+        self.offsets_changed = True
+        self.set("offsets", self.offsets_buffer)
+
+    def upload_offsets(self, queue):
+        """Copy changed offsets to the device, ahead of this launch's next
+        enqueue on the (in-order) queue; pyopencl keeps the copied array
+        alive until the copy is done."""
+        if self.offsets_changed:
+            cl.enqueue_copy(queue, self.offsets_buffer, self.offsets.copy(), is_blocking=False)
+            self.offsets_changed = False
 
     def set(self, name, value):
         set_arg(self.kernel, self.positions[name], value)
@@ -315,7 +344,7 @@ class Program:
         self.stats_rows = []       # their rows' parameter indices, in row order
         self.stats_buffer = None
         self.tracked_indices = {}  # group -> indices of its parameters in this step
-        self._grad_slots = None    # id(param) -> [(launch, g argument, slot)], when needed
+        self._grad_places = None   # id(param) -> [(kernel, g argument, slot record)]
 
     # ------------------------------------------------------------- building
     def add_update(self, group, launch, kernel_and_args, params, state_names, new_state):
@@ -397,12 +426,13 @@ class Program:
         positions = bound.positions
         # Everything that can raise comes before the first set_arg.
         values = []
+        offsets = {}
         if data is not old_data and f"p{k}" in positions:
-            values += [(positions[f"p{k}"], data.base_data),
-                       (positions[f"p{k}_offset"], _U32.pack(element_offset(data)))]
+            values.append((positions[f"p{k}"], data.base_data))
+            offsets[P_OFFSET] = element_offset(data)
         if grad is not old_grad:
-            values += [(positions[f"g{k}"], grad.base_data),
-                       (positions[f"g{k}_offset"], _U32.pack(element_offset(grad)))]
+            values.append((positions[f"g{k}"], grad.base_data))
+            offsets[G_OFFSET] = element_offset(grad)
         state = ()
         if bound.state_names:
             if isinstance(p, FlatView):
@@ -412,17 +442,23 @@ class Program:
             state = tuple(buffers[name] for name in bound.state_names)
             changed = [(name, buffer) for name, buffer, old in zip(
                 bound.state_names, state, old_state or (None,) * len(state)) if buffer is not old]
-            values += [(positions[f"{name}{k}"], buffer.base_data) for name, buffer in changed]
-            if changed:
-                values.append((positions[f"s{k}_offset"], _U32.pack(element_offset(state[0]))))
+            suffix = "" if bound.shared_state else k
+            values += [(positions[f"{name}{suffix}"], buffer.base_data)
+                       for name, buffer in changed]
+            if changed:  # every state buffer of a tensor starts at this offset
+                offsets[S_OFFSET] = element_offset(state[0])
         kernel = bound.kernel
         for position, value in values:
-            if isinstance(value, bytes):
-                kernel._set_arg_buf(position, value)
+            kernel.set_arg(position, value)
+        for which, offset in offsets.items():
+            if bound.offsets[k * OFFSETS + which] != offset:
+                bound.offsets[k * OFFSETS + which] = offset
+                bound.offsets_changed = True
+        if record:  # in place: grad_places holds these records
+            if seen is None:
+                bound.seen[k] = [data, grad, state]
             else:
-                kernel.set_arg(position, value)
-        if record:
-            bound.seen[k] = (data, grad, state)
+                seen[:] = (data, grad, state)
 
     def refresh_arrays(self, new_state):
         """Re-set the arguments of every slot whose arrays changed."""
@@ -437,29 +473,24 @@ class Program:
                             entries[id(p)].buffers().get, bound.state_names)))):
                     continue
                 self._bind_slot(bound, k, p, new_state.get(id(p)))
+            bound.upload_offsets(self.optimizer._queue)
 
-    def rebind_grads(self, params):
-        """Point the launches at the new ``.grad`` arrays of ``params``, each
-        at the same offset as the array it replaces (so only the buffer
-        argument changes): the step after a backward pass that allocated
-        its gradients. The caller has checked everything else. Returns False,
-        changing nothing, if a parameter has no slot of its own (it is in a
-        flat batch, whose slot is the shared buffer)."""
-        slots = self._grad_slots
-        if slots is None:
-            slots = self._grad_slots = {}
+    def grad_places(self, param):
+        """Where ``param``'s gradient is bound: ``(kernel, argument index,
+        slot record)`` per launch that reads it, for re-setting just that
+        buffer when a backward pass allocates a new gradient at the same
+        offset (the slot record's ``[1]`` is then updated too); None if the
+        parameter has no slot of its own (a flat batch's slot is the shared
+        buffer) or is not in this program."""
+        places = self._grad_places
+        if places is None:
+            places = self._grad_places = {}
             for bound in self.updates + self.stats:
                 for k, p in enumerate(bound.params):
-                    slots.setdefault(id(p), []).append((bound, bound.positions[f"g{k}"], k))
-        if not all(id(p) in slots for p in params):
-            return False
-        for p in params:
-            grad = p.grad
-            for bound, position, k in slots[id(p)]:
-                bound.kernel.set_arg(position, grad.base_data)
-                data, _, state = bound.seen[k]
-                bound.seen[k] = (data, grad, state)
-        return True
+                    if not isinstance(p, FlatView):
+                        places.setdefault(id(p), []).append(
+                            (bound.kernel, bound.positions[f"g{k}"], bound.seen[k]))
+        return places.get(id(param))
 
     def _bind_tensors_tail(self, bound):
         # Unused slots point at a buffer the optimizer owns for its lifetime:
@@ -471,9 +502,7 @@ class Program:
             for name in names:
                 if f"{name}{k}" in bound.positions:
                     bound.set(f"{name}{k}", placeholder)
-            for name in ("p", "g", "s"):
-                if f"{name}{k}_offset" in bound.positions:
-                    bound.set(f"{name}{k}_offset", np.uint32(0))
+        bound.upload_offsets(self.optimizer._queue)
 
     # ----------------------------------------------------------- each step
     def set_scalars(self, group_values, scaler):

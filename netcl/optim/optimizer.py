@@ -18,7 +18,8 @@ import pyopencl.array as cla
 
 from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
-from netcl.optim import _engine, _precision, _quantize, _stats, checkpoint, hooks as _hooks
+from netcl.optim import (_arena, _engine, _precision, _quantize, _stats, checkpoint,
+                         hooks as _hooks)
 from netcl.parameter import Parameter, generation as parameter_generation
 
 # Launch plans kept per optimizer. A model whose gradients are all present
@@ -29,7 +30,6 @@ _PLAN_CACHE_SIZE = 32
 
 # Every optimizer family, by class name, in definition order (see families()).
 _FAMILIES = {}
-_NOT_STEPPED = object()  # a parameter the last step did not update
 
 
 def families():
@@ -314,7 +314,10 @@ class Optimizer:
         self._queue = None
         self._plans = {}  # insertion-ordered: least recently used first
         self._checked_data = {}
-        self._checked_grads = {}
+        # [param, data, grad, places] per parameter in group order, as the
+        # last prepared step saw them (grad None: not in that step; places:
+        # where the program binds the gradient, _engine.Program.grad_places)
+        self._step_arrays = []
         self._device_layout = None
         self._program = None
         self._param_index = {}  # id(param) -> index across groups
@@ -641,13 +644,19 @@ class Optimizer:
                     f"(state shape {shape}, dtype {expected}); "
                     "an optimizer's state belongs to the array it was created for — "
                     "create a new optimizer (or load a matching state) after replacing .data")
+            # The kernels read state at its element offset, through vector
+            # pointers when the parameter and gradient are vector-aligned: a
+            # view must start where they do, or on an _arena.ALIGN boundary.
             whole = shape != p.data.shape or any(n + _quantize.ABSMAX in needed for n in needed)
-            if buffer.offset != buffers[needed[0]].offset \
-                    or buffer.offset not in ((0,) if whole else (0, p.data.offset)) \
+            element = _engine.element_offset(buffer)
+            placed = element == 0 if whole else (
+                element == _engine.element_offset(p.data) or element % _arena.ALIGN == 0)
+            if element != _engine.element_offset(buffers[needed[0]]) or not placed \
                     or buffer.context != self._context:
                 raise ValueError(f"state {name!r} must be a whole buffer, or a view at its "
-                                 "parameter's offset (as every state buffer of the "
-                                 "parameter), in the optimizer's context")
+                                 f"parameter's offset or a multiple of {_arena.ALIGN} "
+                                 "elements (as every state buffer of the parameter), in the "
+                                 "optimizer's context")
 
     @property
     def skipped_steps(self):
@@ -791,36 +800,32 @@ class Optimizer:
         when anything else changed (a parameter's data, which parameters
         have gradients, an offset, a flat batch, an invalid gradient);
         :meth:`_prepare_step` then rebuilds, or raises naming the culprit."""
-        seen_grads, seen_data = self._checked_grads, self._checked_data
         changed = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                old = seen_grads.get(id(p), _NOT_STEPPED)
-                if grad is old:
-                    if grad is not None and seen_data.get(id(p)) is not p.data:
-                        return False
-                    continue
-                if old is _NOT_STEPPED:
-                    if grad is None:
-                        continue
+        for entry in self._step_arrays:
+            p, data, old, places = entry
+            grad = p.grad
+            if grad is old:
+                if grad is not None and p.data is not data:
                     return False
-                if (grad is None or seen_data.get(id(p)) is not p.data
-                        or not isinstance(grad, cla.Array) or grad.offset != old.offset):
+                continue
+            if (places is None or grad is None or p.data is not data
+                    or not isinstance(grad, cla.Array) or grad.offset != old.offset):
+                return False
+            # Shaped, typed and laid out like the array it replaces, in the
+            # same context: as valid as that one was.
+            if not (grad.shape == old.shape and grad.dtype is old.dtype
+                    and grad.strides == old.strides and grad.context is old.context):
+                try:
+                    self._check_grad(p)
+                except (TypeError, ValueError):
                     return False
-                # Shaped, typed and laid out like the array it replaces, in
-                # the same context: as valid as that one was.
-                if not (grad.shape == old.shape and grad.dtype is old.dtype
-                        and grad.strides == old.strides and grad.context is old.context):
-                    try:
-                        self._check_grad(p)
-                    except (TypeError, ValueError):
-                        return False
-                changed.append(p)
-        if not program.rebind_grads(changed):
-            return False
-        for p in changed:
-            seen_grads[id(p)] = p.grad
+            changed.append((entry, grad))
+        for entry, grad in changed:
+            buffer = grad.base_data
+            for kernel, position, record in entry[3]:
+                kernel.set_arg(position, buffer)
+                record[1] = grad
+            entry[2] = grad
         program.generation = parameter_generation()
         return True
 
@@ -834,7 +839,8 @@ class Optimizer:
         new_state = {}
         state_checked = self._state_version != self._checked_state_version
         param_index, entries = self._param_index, self._state_entries
-        seen_data, seen_grads = self._checked_data, self._checked_grads
+        seen_data = self._checked_data
+        seen_grads = {id(p): grad for p, _, grad, _ in self._step_arrays if grad is not None}
         shard, guarded = self._shard, self._guarded(scaler_key)
         for g, (group, (flags, _)) in enumerate(zip(self.param_groups, groups)):
             needed_by_dtype = {}
@@ -883,9 +889,10 @@ class Optimizer:
                     new_state.update(self._new_state(group, fresh, len(fresh) == len(members),
                                                      needed))
                 flat = self._flat(members, names, new_state)
-                batches.append((g, group, flags, names, dtype, members, flat, update))
+                packs = () if flat else self._shared_state_packs(members, names, new_state)
+                batches.append((g, group, flags, names, dtype, members, flat, update, packs))
                 width, itemsize = self._vector_width(dtype), dtype.itemsize
-                signature.append((g, update, kind, flag_key, flat, tuple(
+                signature.append((g, update, kind, flag_key, flat, packs, tuple(
                     (index, p.data.size, (p.data.offset // itemsize) % width == 0
                      and (p.grad.offset // itemsize) % width == 0) for index, p in members)))
         signature = (tuple(signature), scaler_key)
@@ -903,7 +910,10 @@ class Optimizer:
         for key, buffers in new_state.items():
             self._state_entries[key] = _StateEntry(self, self._param_index[key], buffers)
         self._checked_data.update(checked_data)
-        self._checked_grads = {id(p): p.grad for batch in batches for _, p in batch[5]}
+        stepped = {id(p) for batch in batches for _, p in batch[5]}
+        self._step_arrays = [[p, p.data, p.grad, program.grad_places(p)] if id(p) in stepped
+                             else [p, p.data, None, None]
+                             for group in self.param_groups for p in group["params"]]
         self._state_version += 1 if new_state else 0
         self._checked_state_version = self._state_version
         program.generation = parameter_generation()
@@ -928,7 +938,10 @@ class Optimizer:
         When a whole batch of flat parameters (views of one buffer, see
         :func:`netcl.optim.flatten_`) starts together, each state buffer is
         likewise a view of one buffer at its parameter's offset, so the
-        step stays a single launch.
+        step stays a single launch. Otherwise parameters that start together
+        get their state packed into shared buffers (:mod:`netcl.optim._arena`),
+        so their launches pass one buffer per state name; int8 state (whose
+        scales are per block) stays per tensor.
         """
         bases = {(id(p.data.base_data), id(p.grad.base_data)) for p in params}
         quantized = any(name.endswith(_quantize.ABSMAX) for name in names)
@@ -947,6 +960,14 @@ class Optimizer:
                 out[id(p)] = {name: buffer[begin:begin + p.data.size].reshape(p.data.shape)
                               for name, buffer in whole.items()}
             return out
+        if len(params) > 1 and names and not quantized:
+            dtypes = {name: self._buffer_dtype(params[0].data.dtype, name, names)
+                      for name in names}
+            views, arenas = _arena.allocate(self._queue, [p.data.shape for p in params], dtypes)
+            for arena in arenas:
+                for name, buffer in arena.items():
+                    fill(self._queue, buffer, self._initial_fill(group, name, names))
+            return {id(p): buffers for p, buffers in zip(params, views)}
         for p in params:
             buffers = {}
             for name in names:
@@ -985,6 +1006,20 @@ class Optimizer:
                     return None
         return tuple(id(role) for role in roles)
 
+    def _shared_state_packs(self, members, state_names, new_state):
+        """Positions in ``members`` of the parameters whose state buffers are
+        views of the same buffers (:mod:`netcl.optim._arena`), as a tuple
+        of tuples, one per set of at least two; they are updated by launches
+        that pass those buffers once."""
+        if not state_names or any(n.endswith(_quantize.ABSMAX) for n in state_names):
+            return ()
+        by_bases = {}
+        for position, (_, p) in enumerate(members):
+            buffers = new_state.get(id(p)) or self._state_entries[id(p)].buffers()
+            bases = tuple(id(buffers[name].base_data) for name in state_names)
+            by_bases.setdefault(bases, []).append(position)
+        return tuple(tuple(positions) for positions in by_bases.values() if len(positions) > 1)
+
     def _layout(self):
         if self._device_layout is None:
             self._device_layout = device_layout(self._context.devices[0])
@@ -995,7 +1030,7 @@ class Optimizer:
         return np.dtype(np.float64 if fp64 else np.float32)
 
     def _plan(self, dtype, state_names, lengths, indices, aligned, starts=None,
-              track_stats=False):
+              track_stats=False, shared_state=False):
         """The launches for tensors of these lengths, from a bounded cache.
 
         The plan (chunk tables) depends only on lengths, parameter indices,
@@ -1004,9 +1039,8 @@ class Optimizer:
         it once; the cache keeps the most recently used plans for steps with
         missing grads.
         """
-        key = (dtype, len(state_names), track_stats, tuple(lengths), tuple(indices),
-               tuple(aligned),
-               None if starts is None else tuple(starts))
+        key = (dtype, len(state_names), track_stats, shared_state, tuple(lengths),
+               tuple(indices), tuple(aligned), None if starts is None else tuple(starts))
         launches = self._plans.pop(key, None)
         if launches is None:
             if starts is not None:
@@ -1016,13 +1050,14 @@ class Optimizer:
                 device = self._context.devices[0]
 
                 def size(slots):
-                    return _engine.argument_bytes(
-                        device, self._step_arguments(slots, dtype, state_names, track_stats))
+                    return _engine.argument_bytes(device, self._step_arguments(
+                        slots, dtype, state_names, track_stats, shared_state))
 
                 fixed = size(0)
                 per_tensor = size(1) - fixed
                 slot_choices = _engine.slot_counts(device, per_tensor, fixed)
-                launches = _engine.plan(self._context, lengths, indices, aligned, slot_choices)
+                launches = _engine.plan(self._context, lengths, indices, aligned, slot_choices,
+                                        shared_state)
             while len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
         self._plans[key] = launches  # most recently used last
@@ -1033,28 +1068,38 @@ class Optimizer:
         factor_dtype = self._factor_dtype()
         guard = self._guarded(scaler_key)
         program = _engine.Program(self, signature, scaler_key, guard)
-        for g, group, flags, state_names, dtype, members, flat, update in batches:
-            params = [p for _, p in members]
-            lengths = [p.data.size for p in params]
-            indices = [index for index, _ in members]
-            aligned = [self._aligned(p, dtype) for p in params]
-            starts = [p.data.offset // dtype.itemsize for p in params] if flat else None
+        for g, group, flags, state_names, dtype, all_members, flat, update, packs in batches:
             track = update and flags.get("track_stats", False)
-            launches = self._plan(dtype, state_names, lengths, indices, aligned, starts, track)
             if track:
-                program.tracked_indices.setdefault(g, []).extend(indices)
-            for launch in launches:
-                # A flat launch has one slot: the shared buffers, at offset 0.
-                slot_params = [_engine.FlatView(params[launch.indices[0]], new_state,
-                                                self._state_entries)] if flat else \
-                    [params[i] for i in launch.indices]
-                if update:
-                    kernel = self._update_kernel(dtype, factor_dtype, launch, layout,
-                                                 state_names, flags, guard)
-                    program.add_update(g, launch, kernel, slot_params, state_names, new_state)
-                if guard:
-                    stats = self._stats_kernel(dtype, factor_dtype, launch, layout)
-                    program.add_stats(launch, stats, slot_params)
+                program.tracked_indices.setdefault(g, []).extend(i for i, _ in all_members)
+            # Launches over each set of parameters whose state shares buffers,
+            # then over the rest.
+            packed = {position for pack in packs for position in pack}
+            rest = tuple(i for i in range(len(all_members)) if i not in packed)
+            for positions, shared in [(pack, True) for pack in packs] + [(rest, False)]:
+                if not positions:
+                    continue
+                members = [all_members[i] for i in positions]
+                params = [p for _, p in members]
+                lengths = [p.data.size for p in params]
+                indices = [index for index, _ in members]
+                aligned = [self._aligned(p, dtype) for p in params]
+                starts = [p.data.offset // dtype.itemsize for p in params] if flat else None
+                launches = self._plan(dtype, state_names, lengths, indices, aligned, starts,
+                                      track, shared)
+                for launch in launches:
+                    # A flat launch has one slot: the shared buffers, at offset 0.
+                    slot_params = [_engine.FlatView(params[launch.indices[0]], new_state,
+                                                    self._state_entries)] if flat else \
+                        [params[i] for i in launch.indices]
+                    if update:
+                        kernel = self._update_kernel(dtype, factor_dtype, launch, layout,
+                                                     state_names, flags, guard)
+                        program.add_update(g, launch, kernel, slot_params, state_names,
+                                           new_state)
+                    if guard:
+                        stats = self._stats_kernel(dtype, factor_dtype, launch, layout)
+                        program.add_stats(launch, stats, slot_params)
         program.finish(self._active_indices(batches))
         return program
 
@@ -1065,21 +1110,22 @@ class Optimizer:
     def _active_indices(batches):
         return [index for batch in batches if batch[7] for index, _ in batch[5]]
 
-    def _step_arguments(self, slots, dtype, state_names, track_stats=False):
+    def _step_arguments(self, slots, dtype, state_names, track_stats=False, shared_state=False):
         """The update kernel's arguments for ``slots`` tensors of ``dtype``
         (computed in float32 for float16 and bfloat16)."""
         return _engine.step_arguments(
             slots, state_names, self.scalar_names, self.factor_names, dtype,
             _precision.compute_dtype(dtype), self._factor_dtype(), track_stats,
             {name: self._buffer_dtype(dtype, name, state_names) for name in state_names},
-            seed=self._stochastic(dtype))
+            seed=self._stochastic(dtype), shared_state=shared_state)
 
     def _stochastic(self, dtype):
         return self.stochastic_rounding and _precision.is_low_precision(dtype)
 
     def _update_kernel(self, dtype, factor_dtype, launch, layout, state_names, flags, guard):
         track_stats = flags.get("track_stats", False)
-        arguments = self._step_arguments(launch.slots, dtype, state_names, track_stats)
+        arguments = self._step_arguments(launch.slots, dtype, state_names, track_stats,
+                                         launch.shared_state)
         param_format = _precision.storage_format(dtype)
         low_precision = _precision.is_low_precision(dtype)
         # Which state the statistics read (none without track_stats, so the
@@ -1107,6 +1153,7 @@ class Optimizer:
             factor_t=_kernels.c_type(factor_dtype),
             n_tensors=launch.slots, vector_width=self._vector_width(dtype),
             aligned=launch.aligned, state_names=tuple(state_names), guard=guard,
+            shared_state=launch.shared_state,
             declarations=tuple(a.declaration for a in arguments), **roles, **flags)
         return _kernels.new_kernel(program, "optimizer_step", [a.dtype for a in arguments]), \
             arguments
@@ -1272,14 +1319,15 @@ class Optimizer:
         # Everything is valid: only now upload and swap in. A parameter
         # without saved state starts from step 0; one with SGD's momentum
         # buffer is past its first step.
-        uploaded = {}
         steps = np.zeros(len(self._position), np.uint32)
+        buffers = {}
         for key, entry in new_state.items():
             entry = dict(entry)
             step = entry.pop("step", None)
             steps[self._param_index[key]] = 1 if step is None else step
-            uploaded[key] = _StateEntry(self, self._param_index[key], {
-                name: cla.to_device(self._queue, value) for name, value in entry.items()})
+            buffers[key] = entry
+        uploaded = {key: _StateEntry(self, self._param_index[key], entry)
+                    for key, entry in self._upload_state(buffers).items()}
         cl.enqueue_copy(self._queue, self._steps.base_data, steps,
                         dst_offset=self._steps.offset)
         self._steps_host = None
@@ -1288,6 +1336,39 @@ class Optimizer:
         self._state_entries.clear()
         self._state_entries.update(uploaded)
         self._state_version += 1
+
+    def _upload_state(self, host_state):
+        """Device copies of checked host state (``{id(param): {name: array}}``),
+        packed into shared buffers (:mod:`netcl.optim._arena`) where entries
+        have the same buffer names and dtypes and every buffer has its
+        parameter's shape, as a step would have allocated them."""
+        params = {id(p): p for group in self.param_groups for p in group["params"]}
+        by_layout = {}
+        for key, entry in host_state.items():
+            shape = params[key].data.shape
+            if entry and all(value.shape == shape and not name.endswith(_quantize.ABSMAX)
+                             for name, value in entry.items()):
+                layout = tuple((name, value.dtype) for name, value in entry.items())
+                by_layout.setdefault(layout, []).append(key)
+        out = {}
+        for layout, keys in by_layout.items():
+            if len(keys) < 2:
+                continue
+            views, _ = _arena.allocate(self._queue, [params[key].data.shape for key in keys],
+                                       dict(layout))
+            for key, entry in zip(keys, views):
+                for name, view in entry.items():
+                    # As bytes: the view's strides may differ from the host
+                    # array's where a dimension has length 1.
+                    host = np.ascontiguousarray(host_state[key][name]).reshape(-1)
+                    cl.enqueue_copy(self._queue, view.base_data, host.view(np.uint8),
+                                    dst_offset=view.offset)
+                out[key] = entry
+        for key, entry in host_state.items():
+            if key not in out:
+                out[key] = {name: cla.to_device(self._queue, value)
+                            for name, value in entry.items()}
+        return out
 
     def _checked_state(self, entry, group, p, where):
         """The entry as host arrays ready to upload, or None for "no state"."""
