@@ -10,12 +10,20 @@ import pyopencl.array as cla
 # per-parameter check (constant host cost per step).
 _assignments = itertools.count()
 _generation = [0]
+_data_generation = [0]  # bumped by assignments to .data only
 
 
 def generation():
     """A number that changes whenever any :class:`Parameter`'s ``data`` or
     ``grad`` is assigned."""
     return _generation[0]
+
+
+def data_generation():
+    """A number that changes whenever any :class:`Parameter`'s ``data`` is
+    assigned (a step whose only changes are new gradients then skips
+    looking at every parameter's data)."""
+    return _data_generation[0]
 
 
 class Parameter:
@@ -45,7 +53,7 @@ class Parameter:
     @data.setter
     def data(self, value):
         self._data = value
-        _generation[0] = next(_assignments)
+        _generation[0] = _data_generation[0] = next(_assignments)
 
     @property
     def grad(self):

@@ -459,3 +459,38 @@ def test_loaded_state_is_packed_and_resumes_exactly(ctx_factory):
     for a, b in zip(opt.state_dict()["state"].values(), twin.state_dict()["state"].values()):
         for name in a:
             assert np.array_equal(np.asarray(a[name]), np.asarray(b[name])), name
+
+
+def test_new_data_array_with_new_gradients_is_bound(ctx_factory):
+    """A step whose gradients are all new arrays and one parameter's .data
+    was replaced too updates the new data array (and refuses one whose
+    shape no longer fits the state, naming it)."""
+    torch = pytest.importorskip("torch")
+    queue = make_queue(ctx_factory)
+    sizes = [300, 7, 64]
+    params = make_params(queue, np.float32, sizes=sizes)
+    tensors = [torch.tensor(p.data.get(), requires_grad=True) for p in params]
+    opt = Adam(params, lr=1e-2)
+    topt = torch.optim.Adam(tensors, lr=1e-2)
+    old_data = None
+    for step in range(4):
+        host = grads_for(params, step, np.float32)
+        set_grads(queue, params, host)
+        if step == 2:
+            old_data = params[1].data
+            params[1].data = old_data.copy()
+        for t, g in zip(tensors, host):
+            t.grad = torch.tensor(g)
+        opt.step()
+        topt.step()
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            assert_close(p.data.get(), t.detach().numpy(), f"step {step} param {i}", nulp=4)
+    assert not np.array_equal(old_data.get(), params[1].data.get())  # left behind at step 2
+    set_grads(queue, params, grads_for(params, 4, np.float32))
+    params[2].data = cla.zeros(queue, 65, np.float32)
+    params[2].grad = cla.zeros(queue, 65, np.float32)
+    before = [p.data.get() for p in params[:2]]
+    with pytest.raises(ValueError, match="parameter 2"):
+        opt.step()
+    for p, b in zip(params[:2], before):
+        assert np.array_equal(p.data.get(), b)

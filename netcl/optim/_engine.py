@@ -333,6 +333,7 @@ class Program:
         self.stats = []
         self.n_rows = 0
         self.generation = None
+        self.data_generation = None
         self.state_version = None
         self.groups_key = None
         self.finalize = None

@@ -20,7 +20,8 @@ from netcl import _kernels
 from netcl.device import is_simulator, layout as device_layout
 from netcl.optim import (_arena, _engine, _precision, _quantize, _stats, checkpoint,
                          hooks as _hooks)
-from netcl.parameter import Parameter, generation as parameter_generation
+from netcl.parameter import (Parameter, data_generation as parameter_data_generation,
+                             generation as parameter_generation)
 
 # Launch plans kept per optimizer. A model whose gradients are all present
 # every step uses one plan per (group, dtype); steps with missing gradients
@@ -800,15 +801,18 @@ class Optimizer:
         when anything else changed (a parameter's data, which parameters
         have gradients, an offset, a flat batch, an invalid gradient);
         :meth:`_prepare_step` then rebuilds, or raises naming the culprit."""
+        # Only netcl.Parameters get here (self._tracked): their slots are read
+        # directly, and their data need no look unless some .data was assigned.
+        data_same = program.data_generation == parameter_data_generation()
         changed = []
         for entry in self._step_arrays:
             p, data, old, places = entry
-            grad = p.grad
+            grad = p._grad
             if grad is old:
-                if grad is not None and p.data is not data:
-                    return False
-                continue
-            if (places is None or grad is None or p.data is not data
+                if data_same or grad is None or p._data is data:
+                    continue
+                return False
+            if (places is None or grad is None or not (data_same or p._data is data)
                     or not isinstance(grad, cla.Array) or grad.offset != old.offset):
                 return False
             # Shaped, typed and laid out like the array it replaces, in the
@@ -827,6 +831,7 @@ class Optimizer:
                 record[1] = grad
             entry[2] = grad
         program.generation = parameter_generation()
+        program.data_generation = parameter_data_generation()
         return True
 
     def _prepare_step(self, groups, scaler_key):
@@ -917,6 +922,7 @@ class Optimizer:
         self._state_version += 1 if new_state else 0
         self._checked_state_version = self._state_version
         program.generation = parameter_generation()
+        program.data_generation = parameter_data_generation()
         program.state_version = self._state_version
         program.groups_key = self._groups_key(groups)
         self._program = program
