@@ -84,8 +84,9 @@ def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, 
     Per tensor slot ``k``: ``p<k>``, ``g<k>`` and one buffer per state name
     (``<name><k>``); with ``shared_state`` (every tensor's state is a view of
     the same buffers: see :mod:`netcl.optim._arena`) one buffer per state
-    name (``<name>``) for the whole launch instead; with ``track_stats`` the statistics rows (factor type)
-    and this launch's first row; ``seed`` (stochastic rounding only); then
+    name (``<name>``) for the whole launch instead; with ``track_stats`` the
+    statistics rows (factor type) and this launch's first row; ``seed``
+    (stochastic rounding only); then
     the offsets buffer (``OFFSETS`` uints per slot: where its parameter,
     gradient and state start in their buffers), the chunk table, the step
     counts and the control buffer; then the hyperparameter scalars in the
