@@ -54,7 +54,7 @@ coalesces; on a CPU the host launches one work-item per group, which PoCL
 runs as a plain loop.
 </%doc>
 <%!
-    from netcl.optim._engine import (ROW, OFFSETS, P_OFFSET, G_OFFSET, S_OFFSET,
+    from netcl.optim._engine import (ROW, P_OFFSET, G_OFFSET, STATE_OFFSETS, offsets_stride,
                                      FOUND_INF, UNSCALE, CLIP_COEF)
     from netcl.optim import _quantize
 %>
@@ -471,13 +471,14 @@ ${self.factors()}
     default:
         return;
     }
-    p_ptr += offsets[${OFFSETS} * k + ${P_OFFSET}] + start;
-    g_ptr += offsets[${OFFSETS} * k + ${G_OFFSET}] + start;
+<% stride = offsets_stride(len(state_names)) %>\
+    p_ptr += offsets[${stride} * k + ${P_OFFSET}] + start;
+    g_ptr += offsets[${stride} * k + ${G_OFFSET}] + start;
 % for name in state_names:
   % if name.endswith(_quantize.ABSMAX):
     ${name}_ptr += start / ${_quantize.BLOCK};
   % else:
-    ${name}_ptr += offsets[${OFFSETS} * k + ${S_OFFSET}] + start;
+    ${name}_ptr += offsets[${stride} * k + ${STATE_OFFSETS + loop.index}] + start;
   % endif
 % endfor
 

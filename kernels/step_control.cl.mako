@@ -26,7 +26,7 @@ Flags: kernel (which one), and per kernel —
               (max_grad_norm is set)
 </%doc>
 <%!
-    from netcl.optim._engine import (ROW, OFFSETS, G_OFFSET, FOUND_INF, UNSCALE, CLIP_COEF,
+    from netcl.optim._engine import (ROW, G_OFFSET, offsets_stride, FOUND_INF, UNSCALE, CLIP_COEF,
                                      TOTAL_NORM, SCALE, SCALER_FOUND_INF)
 %>
 <%page args="kernel, **flags"/>
@@ -91,7 +91,7 @@ __kernel void grad_stats(
     default:
         return;
     }
-    g_ptr += offsets[${OFFSETS} * k + ${G_OFFSET}] + start;
+    g_ptr += offsets[${offsets_stride(0)} * k + ${G_OFFSET}] + start;
     // v - v is exactly 0 for a finite v and NaN for a NaN or infinity (no
     // contraction or fast math here), so `check` turns NaN if any element is
     // not finite: cheaper than isnan/isinf, which PoCL does not vectorise.

@@ -38,9 +38,13 @@ _MAX_SLOTS = 64
 _UINT_LIMIT = 2**32 - CHUNK
 ROW = 4  # uints per chunk-table row: slot, start, count, parameter index
 # A launch's offsets buffer: per slot, the element offsets of its parameter,
-# gradient and state arrays in their buffers.
-P_OFFSET, G_OFFSET, S_OFFSET = range(3)
-OFFSETS = 3
+# gradient and each state array (in state-name order) in their buffers.
+P_OFFSET, G_OFFSET, STATE_OFFSETS = range(3)
+
+
+def offsets_stride(n_state):
+    """uints per slot in the offsets buffer of a launch with ``n_state`` state buffers."""
+    return STATE_OFFSETS + n_state
 
 # The control buffer (float32): what the reduction pass decides for the rest
 # of the step.
@@ -87,8 +91,9 @@ def step_arguments(slots, state_names, scalar_names, factor_names, param_dtype, 
     name (``<name>``) for the whole launch instead; with ``track_stats`` the
     statistics rows (factor type) and this launch's first row; ``seed``
     (stochastic rounding only); then
-    the offsets buffer (``OFFSETS`` uints per slot: where its parameter,
-    gradient and state start in their buffers), the chunk table, the step
+    the offsets buffer (:func:`offsets_stride` uints per slot: where its
+    parameter, gradient and each state array start in their buffers), the
+    chunk table, the step
     counts and the control buffer; then the hyperparameter scalars in the
     state type and the factor arguments in the factor type.
 
@@ -265,7 +270,7 @@ class _Bound:
 
     __slots__ = ("kernel", "positions", "params", "seen", "global_size", "local_size",
                  "group", "state_names", "hyper", "scalars", "slots", "offsets",
-                 "offsets_buffer", "offsets_changed", "shared_state")
+                 "offsets_buffer", "offsets_changed", "shared_state", "stride")
 
     def __init__(self, kernel, arguments, launch, local_size, params, group=None,
                  state_names=()):
@@ -284,7 +289,8 @@ class _Bound:
         self.hyper = [(i, np.dtype(a.dtype).type) for i, a in enumerate(arguments) if i > after]
         self.scalars = None
         # The offsets buffer's contents, kept on the host; unused slots read 0.
-        self.offsets = np.zeros(max(1, launch.slots) * OFFSETS, np.uint32)
+        self.stride = offsets_stride(len(state_names))
+        self.offsets = np.zeros(max(1, launch.slots) * self.stride, np.uint32)
         self.offsets_buffer = cl.Buffer(kernel.context, cl.mem_flags.READ_ONLY,
                                         self.offsets.nbytes)
         self.offsets_changed = True
@@ -447,14 +453,15 @@ class Program:
             suffix = "" if bound.shared_state else k
             values += [(positions[f"{name}{suffix}"], buffer.base_data)
                        for name, buffer in changed]
-            if changed:  # every state buffer of a tensor starts at this offset
-                offsets[S_OFFSET] = element_offset(state[0])
+            for j, (name, buffer) in enumerate(zip(bound.state_names, state)):
+                if name in dict(changed):
+                    offsets[STATE_OFFSETS + j] = element_offset(buffer)
         kernel = bound.kernel
         for position, value in values:
             kernel.set_arg(position, value)
         for which, offset in offsets.items():
-            if bound.offsets[k * OFFSETS + which] != offset:
-                bound.offsets[k * OFFSETS + which] = offset
+            if bound.offsets[k * bound.stride + which] != offset:
+                bound.offsets[k * bound.stride + which] = offset
                 bound.offsets_changed = True
         if record:  # in place: grad_places holds these records
             if seen is None:

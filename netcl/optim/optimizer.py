@@ -648,16 +648,15 @@ class Optimizer:
             # The kernels read state at its element offset, through vector
             # pointers when the parameter and gradient are vector-aligned: a
             # view must start where they do, or on an _arena.ALIGN boundary.
+            # int8 state (codes and per-block scales) is whole buffers.
             whole = shape != p.data.shape or any(n + _quantize.ABSMAX in needed for n in needed)
             element = _engine.element_offset(buffer)
             placed = element == 0 if whole else (
                 element == _engine.element_offset(p.data) or element % _arena.ALIGN == 0)
-            if element != _engine.element_offset(buffers[needed[0]]) or not placed \
-                    or buffer.context != self._context:
+            if not placed or buffer.context != self._context:
                 raise ValueError(f"state {name!r} must be a whole buffer, or a view at its "
-                                 f"parameter's offset or a multiple of {_arena.ALIGN} "
-                                 "elements (as every state buffer of the parameter), in the "
-                                 "optimizer's context")
+                                 f"parameter's offset or at a multiple of {_arena.ALIGN} "
+                                 "elements, in the optimizer's context")
 
     @property
     def skipped_steps(self):
