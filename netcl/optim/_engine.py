@@ -448,13 +448,11 @@ class Program:
             elif buffers is None:
                 buffers = self.optimizer._state_entries[id(p)].buffers()
             state = tuple(buffers[name] for name in bound.state_names)
-            changed = [(name, buffer) for name, buffer, old in zip(
-                bound.state_names, state, old_state or (None,) * len(state)) if buffer is not old]
             suffix = "" if bound.shared_state else k
-            values += [(positions[f"{name}{suffix}"], buffer.base_data)
-                       for name, buffer in changed]
-            for j, (name, buffer) in enumerate(zip(bound.state_names, state)):
-                if name in dict(changed):
+            for j, (name, buffer, old) in enumerate(zip(
+                    bound.state_names, state, old_state or (None,) * len(state))):
+                if buffer is not old:
+                    values.append((positions[f"{name}{suffix}"], buffer.base_data))
                     offsets[STATE_OFFSETS + j] = element_offset(buffer)
         kernel = bound.kernel
         for position, value in values:
