@@ -514,3 +514,24 @@ def test_state_view_off_the_alignment_is_refused(ctx_factory):
         assert np.array_equal(p.data.get(), b)
     assert np.array_equal(opt.state[id(params[1])]["exp_avg_sq"].get(), states["exp_avg_sq"])
     assert opt.state[id(params[1])]["step"] == 1
+
+
+def test_parameter_swapped_into_a_group_list_is_refused(ctx_factory):
+    """A parameter put in place of another in a group's list (same list,
+    same length) before a step with new gradients is refused with a clear
+    error, and nothing changes; the old parameter is not updated behind
+    the user's back."""
+    queue = make_queue(ctx_factory)
+    params = make_params(queue, np.float32, sizes=[32, 48])
+    opt = SGD(params, lr=0.5)
+    set_grads(queue, params, grads_for(params, 0, np.float32))
+    opt.step()
+    before = [p.data.get() for p in params]
+    spare = netcl.Parameter(cla.to_device(queue, np.ones(48, np.float32)))
+    opt.param_groups[0]["params"][1] = spare
+    set_grads(queue, [params[0], spare], grads_for(params, 1, np.float32))
+    with pytest.raises(ValueError, match="group 0, position 1.*add_param_group"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert np.array_equal(p.data.get(), b)
+    assert np.array_equal(spare.data.get(), np.ones(48, np.float32))

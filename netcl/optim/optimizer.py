@@ -7,6 +7,7 @@ which hyperparameter arguments); everything else — validation, state,
 dispatch, checkpoints — lives here once.
 """
 
+import itertools
 import math
 import numbers
 from contextlib import contextmanager
@@ -804,8 +805,11 @@ class Optimizer:
         # directly, and their data need no look unless some .data was assigned.
         data_same = program.data_generation == parameter_data_generation()
         changed = []
-        for entry in self._step_arrays:
+        live = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+        for entry, current in zip(self._step_arrays, live):
             p, data, old, places = entry
+            if p is not current:  # a group's list was edited in place
+                return False
             grad = p._grad
             if grad is old:
                 if data_same or grad is None or p._data is data:
@@ -854,6 +858,11 @@ class Optimizer:
                 if grad is None:
                     continue
                 key = id(p)
+                if key not in param_index:
+                    raise ValueError(
+                        f"parameter group {g}, position {i}: not a parameter this optimizer "
+                        "was given (a group's list was edited in place); use "
+                        "add_param_group, or build a new optimizer")
                 kind = (p.data.dtype, self._quantized(p.data.dtype, p.data.size))
                 needed = needed_by_dtype.get(kind)
                 if needed is None:
