@@ -297,10 +297,9 @@ ${helpers(width)}
 % if quantized:
 __constant float netcl_qmap_signed[256] = {${_quantize.c_array(_quantize.MAPS[True])}};
 __constant float netcl_qmap_unsigned[256] = {${_quantize.c_array(_quantize.MAPS[False])}};
-// netcl.optim._quantize.thresholds and bucket_table.
+// netcl.optim._quantize.lookup_table: per bucket, below << 16 | last.
 % for signed, name in ((True, "signed"), (False, "unsigned")):
-__constant float netcl_qmap_${name}_thresholds[256] = {${_quantize.c_array(_quantize.thresholds(signed))}};
-__constant uchar netcl_qmap_${name}_buckets[${2 * _quantize.BUCKETS}] = {${_quantize.c_uchar_array(_quantize.bucket_table(signed))}};
+__constant uint netcl_qmap_${name}_lookup[${2 * _quantize.BUCKETS}] = {${_quantize.c_uint_array(_quantize.lookup_table(signed))}};
 % endfor
   % for width in widths:
 ${quantize_helpers(width)}
@@ -316,8 +315,7 @@ ${table}[${index}]\
 </%def>
 <%def name="quantize_helpers(width)">
 <%
-    F, U, C = (vec(t, width) for t in ("float", "uint", "uchar"))
-    mask = "int" if width == 1 else vec("int", width)
+    F, U, I, C = (vec(t, width) for t in ("float", "uint", "int", "uchar"))
 %>\
 inline ${F} netcl_dequantize_${width}(__constant const float *map, const ${C} codes)
 {
@@ -325,11 +323,10 @@ inline ${F} netcl_dequantize_${width}(__constant const float *map, const ${C} co
 }
 
 // The index of the map entry nearest to x (the lower one on a tie; a NaN
-// gets the code of 0): the number of decision thresholds at or below x,
-// those below x's bucket counted in the bucket table.
-inline ${C} netcl_quantize_${width}(__constant const float *thresholds,
-                                    __constant const uchar *buckets, const uint zero,
-                                    const ${F} x)
+// gets the code of 0): from x's bucket (upper 16 bits) the number of
+// decision thresholds below it, plus one if x's key (low 16 bits, ascending
+// with x) is past the bucket's threshold (netcl.optim._quantize).
+inline ${C} netcl_quantize_${width}(__constant const uint *lookup, const uint zero, const ${F} x)
 {
     const ${U} bits = as_${U}(x);
     const ${U} magnitude = (bits & 0x7FFFFFFFu) >> ${_quantize.BUCKET_SHIFT};
@@ -337,10 +334,11 @@ inline ${C} netcl_quantize_${width}(__constant const float *thresholds,
                                                   magnitude < ${_quantize.LOW_BUCKET}u),
                                      (${U})${_quantize.HIGH_BUCKET}u, magnitude > ${_quantize.HIGH_BUCKET}u);
     const ${U} bucket = clamped - ${_quantize.LOW_BUCKET}u + (bits >> 31) * ${_quantize.BUCKETS}u;
-    const ${U} below = ${gather("uint", "buckets", "bucket", width)};
-    const ${F} next = ${gather("float", "thresholds", "below", width)};
-    const ${U} code = netcl_select(below, below + 1u, x >= next);
-    return convert_${C}(netcl_select(netcl_select(code, (${U})255u, code > 255u), (${U})zero, x != x));
+    const ${U} entry = ${gather("uint", "lookup", "bucket", width)};
+    const ${U} key = (bits ^ as_${U}(as_${I}(bits) >> 31)) & ${_quantize.KEY_MASK}u;
+    const ${U} below = entry >> ${_quantize.BUCKET_SHIFT};
+    const ${U} code = netcl_select(below, below + 1u, key > (entry & ${_quantize.KEY_MASK}u));
+    return convert_${C}(netcl_select(code, (${U})zero, x != x));
 }
 </%def>
 <%def name="skipped_element(width)">
@@ -391,10 +389,9 @@ ${body(1, phase)}
         }
 </%def>
 <%def name="quantize_store(name, T, width)">
-            // The nearest code to the value over the block's new scale.
-            const ${vec("uchar", width)} codes = netcl_quantize_${width}(${qmap(name)}_thresholds, ${qmap(name)}_buckets,
-                ${_quantize.zero_code(name in signed_codes)}u,
-                ${name}_new_scale > 0.0f ? ${name} / ${name}_new_scale : (${T})0.0f);
+            // The nearest code to the value times the block's inverse scale.
+            const ${vec("uchar", width)} codes = netcl_quantize_${width}(${qmap(name)}_lookup,
+                ${_quantize.zero_code(name in signed_codes)}u, ${name} * ${name}_inverse_scale);
 % if width == 1 or aligned:
             ${access(name + "_ptr", "uchar", width)} = codes;
 % else:
@@ -525,6 +522,9 @@ ${block_loops("measure")}
         ${name}_max = netcl_fmax(${name}_max, ${max_of_lanes(name + "_max_lanes")});
     % endif
         const float ${name}_new_scale = ${name}_max;
+        // As bitsandbytes: values are scaled by the reciprocal (a zero block
+        // stores the code of 0).
+        const float ${name}_inverse_scale = ${name}_new_scale > 0.0f ? 1.0f / ${name}_new_scale : 0.0f;
   % endfor
   % if keep_block:
 ${block_loops("requantize")}

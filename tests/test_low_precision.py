@@ -532,6 +532,23 @@ def test_dynamic_maps():
         assert (table < 0).sum() == (127 if signed else 0)
 
 
+def test_int8_lookup_table_picks_the_nearest_entries():
+    """The kernel's table (_quantize.lookup_table, read back through its
+    NumPy twin) against the nearest-entry rule, on every decision point of
+    both maps and a million random float32 bit patterns."""
+    from netcl.optim import _quantize
+    rng = np.random.default_rng(29)
+    noise = rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    for signed in (True, False):
+        table = recipe_map(signed)
+        values = np.concatenate([quantisation_probes(table), noise,
+                                 np.float32([np.inf, -np.inf, 3e38, -3e38])])
+        got = _quantize.quantize(values, signed)
+        expected = quantize(values, table)
+        wrong = np.flatnonzero(got != expected)
+        assert wrong.size == 0, (signed, values[wrong[:5]], got[wrong[:5]], expected[wrong[:5]])
+
+
 INT8_VARIANTS = [(Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2)),
                  (RMSProp, dict(lr=1e-2, centered=True, momentum=0.9)),
                  (RMSProp, dict(lr=1e-2, initial_scale=1.0))]
@@ -542,8 +559,9 @@ INT8_VARIANTS = [(Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2)),
 def test_int8_state_matches_the_same_quantisation(ctx_factory, variant, dtype):
     """Each step: the int8 optimizer against netcl's float32 optimizer whose
     state is set to the dequantised values (map[code] * absmax, in float32);
-    the new scales are the blocks' largest magnitudes, the codes the nearest
-    map entries (re-derived in NumPy), the parameter the rounded float32 one.
+    the new scales are the blocks' largest magnitudes, the codes the map
+    entries nearest to each value times its block's float32 reciprocal scale
+    (re-derived in NumPy), the parameter the rounded float32 one.
     A tensor under 4096 elements keeps float32 state."""
     from netcl.optim import _quantize
     cls, kwargs = variant
@@ -585,9 +603,11 @@ def test_int8_state_matches_the_same_quantisation(ctx_factory, variant, dtype):
                 blocks = np.pad(np.abs(new), (0, -new.size % 256)).reshape(-1, 256)
                 absmax = blocks.max(axis=1)
                 np.testing.assert_array_equal(host(state[name + "_absmax"]), absmax)
-                scale = np.repeat(absmax, 256)[:new.size]
-                ratio = np.where(scale > 0, new / np.where(scale > 0, scale, 1), 0)
-                expected = quantize(ratio.astype(np.float32), recipe_map(signs[name]))
+                # Scaled by the block's float32 reciprocal, as bitsandbytes.
+                inverse = np.where(absmax > 0, np.float32(1) / np.where(absmax > 0, absmax, 1),
+                                   0).astype(np.float32)
+                ratio = new.astype(np.float32) * np.repeat(inverse, 256)[:new.size]
+                expected = quantize(ratio, recipe_map(signs[name]))
                 np.testing.assert_array_equal(host(state[name]), expected,
                                               err_msg=f"{name}, step {step}")
 
