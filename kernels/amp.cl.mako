@@ -125,7 +125,8 @@ ${getattr(self, kernel)(**flags)}
         return "vstore%d(v, i, g_ptr);" % W
 %>
 ${fp64(param_t, acc_t, norm_t)}
-${math.declare(sorted({param_t, acc_t}), sorted({1, W}))}
+## Only the reductions compute in acc_t (netcl.nn.utils sizes W to fit it).
+${math.declare(sorted({param_t, acc_t} if reduces else {param_t}), sorted({1, W}))}
 __kernel void ${name}(
     ${",\n    ".join(declarations)})
 {

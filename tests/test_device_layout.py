@@ -2,6 +2,7 @@
 choice, and recovery from a poisoned on-disk kernel cache."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,81 @@ def test_cpu_vectors_are_never_wider_than_32_bytes(queue, monkeypatch):
     else:
         assert layout.kind == "gpu" and layout.local_size == 128
         assert layout.vector_bytes == 16
+
+
+VECTOR_TYPE = re.compile(r"\b(u?char|u?short|u?int|u?long|half|float|double)(2|3|4|8|16)\b")
+SCALAR_BYTES = dict(char=1, uchar=1, short=2, ushort=2, int=4, uint=4, long=8, ulong=8,
+                    half=2, float=4, double=8)
+
+
+def test_no_kernel_declares_a_vector_wider_than_the_layout(ctx_factory, monkeypatch):
+    """Every vector type in every kernel the optimizers and the gradient
+    utilities build fits the layout's vector bytes, accumulators included
+    (float32 gradients summed in float64 once made double8: PoCL on Zen 4
+    crashed compiling the p-norm's pow)."""
+    import pyopencl.array as cla
+    import netcl
+    from netcl import _kernels, amp
+    from netcl.nn.utils import clip_grad_norm_, clip_grad_value_
+    from netcl.optim import Adam, AdamW, RMSProp, SGD
+    from netcl.optim._precision import BFLOAT16
+    monkeypatch.delenv(netcl_device.LAYOUT_ENV, raising=False)
+    monkeypatch.delenv(netcl_device.VECTOR_BYTES_ENV, raising=False)
+    queue = make_queue(ctx_factory)
+    limit = netcl_device.layout(queue.device).vector_bytes
+    sources = []
+    build = _kernels._build
+
+    def recording_build(context, source, *args, **kwargs):
+        sources.append(source)
+        return build(context, source, *args, **kwargs)
+
+    monkeypatch.setattr(_kernels, "_build", recording_build)
+    dtypes = [np.dtype(np.float32), BFLOAT16]
+    if _kernels.supports_fp64(queue.device):
+        dtypes.append(np.dtype(np.float64))
+    rng = np.random.default_rng(0)
+
+    def params(dtype):
+        out = []
+        for n in (5000, 37):
+            p = netcl.Parameter(cla.to_device(queue, rng.standard_normal(n).astype(dtype)))
+            p.grad = cla.to_device(queue, rng.standard_normal(n).astype(dtype))
+            out.append(p)
+        return out
+
+    for dtype in dtypes:
+        if dtype != BFLOAT16:
+            for norm in (2.0, 1.0, float("inf"), 0.0, 3.0):
+                clip_grad_norm_(params(dtype), 1.0, norm)
+            clip_grad_value_(params(dtype), 0.5)
+            scaler = amp.GradScaler(queue)
+            opt = SGD(params(dtype), lr=0.1)
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        state = ["float32", "int8"] if dtype == BFLOAT16 else ["float32"]
+        for state_dtype in state:
+            options = dict(state_dtype=state_dtype,
+                           stochastic_rounding=dtype == BFLOAT16)
+            for cls, kwargs in ((Adam, dict(amsgrad=True, max_grad_norm=1.0)),
+                                (AdamW, dict(skip_nonfinite=True, track_stats=True)),
+                                (RMSProp, dict(centered=True, momentum=0.9)),
+                                (SGD, dict(lr=0.1, momentum=0.9, nesterov=True))):
+                if cls is SGD and state_dtype == "int8":
+                    continue
+                cls(params(dtype), **kwargs, **options).step()
+    queue.finish()
+    assert sources
+    widest = {}
+    for source in sources:
+        for scalar, lanes in VECTOR_TYPE.findall(source):
+            size = SCALAR_BYTES[scalar] * (4 if lanes == "3" else int(lanes))
+            widest[scalar + lanes] = size
+    too_wide = sorted(t for t, size in widest.items() if size > limit)
+    where = [re.findall(r"__kernel void (\w+)", source) for source in sources
+             if any(t in source for t in too_wide)]
+    assert not too_wide, (limit, too_wide, where)
 
 
 def test_layout_overrides(queue, monkeypatch):

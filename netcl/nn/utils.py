@@ -190,8 +190,15 @@ def _kernel(context, op, slots, aligned, dtype, norm, norm_dtype, layout):
         acc = acc_dtype(context.devices[0])
         arguments = _foreach_arguments(op, slots, dtype, acc, norm, norm_dtype)
         name = _KERNEL_NAMES[op]
+        # The reductions hold a vector of accumulators: it too must fit the
+        # layout's vector bytes (float32 gradients summed in float64 would
+        # make 64-byte vectors, which PoCL cannot compile for a CPU without
+        # AVX-512: it crashes).
+        width = layout.vector_width(dtype)
+        if op in ("unscale", "norm"):
+            width = min(width, layout.vector_width(acc))
         flags = dict(param_t=_kernels.c_type(dtype), acc_t=_kernels.c_type(acc),
-                     vector_width=layout.vector_width(dtype), local_size=layout.local_size,
+                     vector_width=width, local_size=layout.local_size,
                      n_tensors=slots, aligned=aligned,
                      declarations=tuple(a.declaration for a in arguments))
         if op == "norm":
