@@ -168,7 +168,8 @@ def lookup_table(signed):
 
 
 def quantize(values, signed):
-    """The kernel's code choice, in NumPy (reference for the tests)."""
+    """The kernel's code choice, in NumPy (the tests hold it to the nearest-entry
+    rule; the kernel is checked through its own results)."""
     x = np.asarray(values, np.float32)
     bits = x.view(np.uint32)
     bucket = (np.clip((bits & 0x7FFFFFFF) >> BUCKET_SHIFT, LOW_BUCKET, HIGH_BUCKET)
