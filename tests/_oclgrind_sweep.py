@@ -6,6 +6,7 @@ switched on through the environment::
     OCLGRIND_UNINITIALIZED=1 OCLGRIND_DATA_RACES=1 OCLGRIND_LOG=/tmp/og.log \\
         python tests/_oclgrind_sweep.py optim --family rmsprop
     NETCL_LAYOUT=gpu python tests/_oclgrind_sweep.py nn      # the GPU code path
+    python tests/_oclgrind_sweep.py amp   # gradient clipping and the GradScaler
 
 Oclgrind itself reports invalid reads and writes (outside any buffer),
 uninitialised values and data races to ``OCLGRIND_LOG`` (stderr without it).
@@ -34,6 +35,12 @@ around (each has a plain-pyopencl demonstration, ``--demo-reuse-bug`` and
 * what ``clEnqueueFillBuffer`` writes is never marked initialised, and netcl
   creates optimizer state with a fill command, so the fill is replaced by a
   blocking write of the same bytes.
+
+Oclgrind 21.10 also crashes (a segfault) tracking uninitialised values
+through a sum of a computed vector's lanes (as little as ``a = v + v;
+out[0] = a.s0 + a.s1;``), which the reductions of ``amp`` (clip_grad_norm_,
+GradScaler.unscale_) make; tests/test_oclgrind.py runs that part without
+``OCLGRIND_UNINITIALIZED``.
 
 ``--canary`` makes one error of each kind on purpose (tests/test_oclgrind.py
 checks that each is reported).
@@ -441,22 +448,84 @@ def run_nn(queue, dtype):
     return out
 
 
-def compare_nn(results, reference, dtype):
+def compare_named(part, results, reference, dtype):
     problems = []
     eps = np.finfo(dtype).eps
     for key, actual in results.items():
         expected = reference[key]
         if actual.dtype.kind != "f":
             if not np.array_equal(actual, expected):
-                problems.append(f"nn {key}: {actual!r} != reference {expected!r}")
+                problems.append(f"{part} {key}: {actual!r} != reference {expected!r}")
             continue
         both_nan = np.isnan(actual) & np.isnan(expected)
         error = np.where(both_nan, 0.0, np.abs(actual.astype(np.float64) - expected))
         scale = np.max(np.abs(np.nan_to_num(expected)), initial=1.0)
         if np.any(~(error <= 64 * eps * scale)):
-            problems.append(f"nn {key}: max difference {np.nanmax(error):.3g} "
+            problems.append(f"{part} {key}: max difference {np.nanmax(error):.3g} "
                             f"from the reference (scale {scale:.3g})")
     return problems
+
+
+# ------------------------------------------------------------------ amp
+def run_amp(queue, dtype):
+    """Every kernel of netcl.nn.utils and netcl.amp (kernels/amp.cl.mako):
+    clipping by each norm and by value, and a GradScaler's scale, unscale_,
+    step (clean and with an Inf), update and set, on gradients that are
+    views at odd offsets, shorter than a vector and longer than a chunk;
+    returns named host results."""
+    from netcl import Parameter, amp
+    from netcl.nn.utils import clip_grad_norm_, clip_grad_value_
+    from netcl.optim import SGD
+
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(11)
+    lengths = (7, 3, 20001, 165)
+    hosts = [(rng.standard_normal(n) * 0.5).astype(dtype) for n in lengths]
+    out = {}
+
+    def params():
+        made = []
+        for i, host in enumerate(hosts):
+            # The last gradient is a view at an odd offset of a larger buffer.
+            pad = 3 if i == len(hosts) - 1 else 0
+            whole = keep(cla.to_device(queue, np.concatenate(
+                [np.zeros(pad, dtype), host, np.zeros(pad + 2, dtype)])))
+            p = keep(Parameter(keep(cla.to_device(queue, np.zeros_like(host)))))
+            p.grad = keep(whole[pad:pad + host.size])
+            made.append(p)
+        return made
+
+    for norm in (2.0, 1.0, float("inf"), float("-inf"), 0.0, 3.0, 0.5):
+        ps = params()
+        total = keep(clip_grad_norm_(ps, 0.25, norm))
+        queue.finish()
+        out[f"norm {norm} total"] = total.get().reshape(1)
+        for i, p in enumerate(ps):
+            out[f"norm {norm} grad {i}"] = p.grad.get()
+    ps = params()
+    clip_grad_value_(ps, 0.1)
+    queue.finish()
+    for i, p in enumerate(ps):
+        out[f"value grad {i}"] = p.grad.get()
+    for case, poison in (("clean", False), ("inf", True)):
+        scaler = keep(amp.GradScaler(queue, init_scale=2.0**4, growth_interval=1))
+        ps = params()
+        if poison:
+            ps[2].grad[5:6].fill(np.inf)
+        out[f"scaler {case} outputs"] = keep(scaler.scale(keep(cla.to_device(
+            queue, hosts[0])))).get()
+        opt = keep(SGD(ps, lr=0.5))
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        queue.finish()
+        out[f"scaler {case} scale"] = np.asarray([scaler.get_scale()], np.float64)
+        for i, p in enumerate(ps):
+            out[f"scaler {case} param {i}"] = p.data.get()
+        scaler.update(new_scale=keep(cla.to_device(queue, np.asarray([3.0], dtype))))
+        out[f"scaler {case} set scale"] = np.asarray([scaler.get_scale()], np.float64)
+    queue.finish()
+    return out
 
 
 # ------------------------------------------------------------------ canary
@@ -574,7 +643,8 @@ def demo_fill_bug(queue):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", nargs="?", choices=("optim", "nn", "all"), default="all")
+    parser.add_argument("part", nargs="?", choices=("optim", "nn", "amp", "all"),
+                        default="all")
     parser.add_argument("--family", action="append", choices=FAMILIES,
                         help="optimizer families to run (default: all)")
     parser.add_argument("--dtype", action="append",
@@ -681,8 +751,18 @@ def main(argv=None):
             problems = []
             if ref_queue is not None:
                 with default_layout():
-                    problems = compare_nn(results, run_nn(ref_queue, dtype), dtype)
+                    problems = compare_named("nn", results, run_nn(ref_queue, dtype), dtype)
             finish_case(f"nn {dtype.name}", problems, t0)
+
+    if args.part in ("amp", "all"):
+        for dtype in dtypes:
+            t0 = time.perf_counter()
+            results = run_amp(queue, dtype)
+            problems = []
+            if ref_queue is not None:
+                with default_layout():
+                    problems = compare_named("amp", results, run_amp(ref_queue, dtype), dtype)
+            finish_case(f"amp {dtype.name}", problems, t0)
 
     print(f"{len(failures)} problem(s) in {time.perf_counter() - start:.0f} s")
     for failure in failures:

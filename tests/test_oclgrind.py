@@ -45,9 +45,15 @@ LAYOUTS = {
 # rows does not depend on the vector width).
 RUNS = [(layout, part) for layout in ("default", "gpu")
         for part in (["optim", "--family", "rmsprop"], ["optim", "--family", "adam"],
-                     ["optim", "--family", "sgd"], ["nn"])]
+                     ["optim", "--family", "sgd"], ["nn"], ["amp"])]
 RUNS += [(layout, ["optim", "--structural-only", "--below-chunk"])
          for layout in ("scalar", "wide")]
+
+# Oclgrind 21.10 itself crashes (a segfault) tracking uninitialised values
+# through the gradient reductions' sums of a computed vector's lanes (as
+# little as `a = v + v; out[0] = a.s0 + a.s1;`, float or double): those runs
+# check accesses and races only (and the values, against the reference).
+WITHOUT_UNINITIALIZED = (["amp"],)
 
 # What Oclgrind writes when it finds something (a log file catches most; these
 # catch whatever goes to stderr).
@@ -84,6 +90,8 @@ def run_sweep(tmp_path, layout, args):
     # device, for newer device properties, and every such query is reported.)
     checks = {"OCLGRIND_UNINITIALIZED": "1", "OCLGRIND_DATA_RACES": "1",
               "OCLGRIND_LOG": str(log)}
+    if args in WITHOUT_UNINITIALIZED:
+        del checks["OCLGRIND_UNINITIALIZED"]
     env.update(checks)
     env.update(LAYOUTS[layout])
     command = [sys.executable, str(SWEEP), *args]
