@@ -744,25 +744,17 @@ def main(argv=None):
                 problems += compare(results, expected, case.dtype)
             finish_case(case.label(), problems, t0)
 
-    if args.part in ("nn", "all"):
+    for part, run in (("nn", run_nn), ("amp", run_amp)):
+        if args.part not in (part, "all"):
+            continue
         for dtype in dtypes:
             t0 = time.perf_counter()
-            results = run_nn(queue, dtype)
+            results = run(queue, dtype)
             problems = []
             if ref_queue is not None:
                 with default_layout():
-                    problems = compare_named("nn", results, run_nn(ref_queue, dtype), dtype)
-            finish_case(f"nn {dtype.name}", problems, t0)
-
-    if args.part in ("amp", "all"):
-        for dtype in dtypes:
-            t0 = time.perf_counter()
-            results = run_amp(queue, dtype)
-            problems = []
-            if ref_queue is not None:
-                with default_layout():
-                    problems = compare_named("amp", results, run_amp(ref_queue, dtype), dtype)
-            finish_case(f"amp {dtype.name}", problems, t0)
+                    problems = compare_named(part, results, run(ref_queue, dtype), dtype)
+            finish_case(f"{part} {dtype.name}", problems, t0)
 
     print(f"{len(failures)} problem(s) in {time.perf_counter() - start:.0f} s")
     for failure in failures:
