@@ -164,6 +164,7 @@ def lookup_table(signed):
     key = _key(mine).astype(np.int64)
     below[index[key == 0]] += 1
     last[index[key > 0]] = key[key > 0] - 1
+    assert (below + (last != NO_THRESHOLD)).max() <= 255, "a code past 255"
     return ((below.astype(np.uint32) << BUCKET_SHIFT) | last.astype(np.uint32)).astype(np.uint32)
 
 
