@@ -333,9 +333,10 @@ inline ${C} netcl_quantize_${width}(__constant const uint *lookup, const uint ze
     const ${U} clamped = netcl_select(netcl_select(magnitude, (${U})${_quantize.LOW_BUCKET}u,
                                                   magnitude < ${_quantize.LOW_BUCKET}u),
                                      (${U})${_quantize.HIGH_BUCKET}u, magnitude > ${_quantize.HIGH_BUCKET}u);
-    const ${U} bucket = clamped - ${_quantize.LOW_BUCKET}u + (bits >> 31) * ${_quantize.BUCKETS}u;
+    const ${U} negative = as_${U}(as_${I}(bits) >> 31);  // all ones for a negative x
+    const ${U} bucket = clamped - ${_quantize.LOW_BUCKET}u + (negative & ${_quantize.BUCKETS}u);
     const ${U} entry = ${gather("uint", "lookup", "bucket", width)};
-    const ${U} key = (bits ^ as_${U}(as_${I}(bits) >> 31)) & ${_quantize.KEY_MASK}u;
+    const ${U} key = (bits ^ negative) & ${_quantize.KEY_MASK}u;
     const ${U} below = entry >> ${_quantize.BUCKET_SHIFT};
     const ${U} code = netcl_select(below, below + 1u, key > (entry & ${_quantize.KEY_MASK}u));
     return convert_${C}(netcl_select(code, (${U})zero, x != x));
