@@ -64,7 +64,8 @@ class Communicator:
     """An mpi4py communicator whose collectives fail within ``timeout`` seconds.
 
     ``on_timeout="abort"`` (default) prints which collective timed out on
-    which rank and calls ``MPI_Abort``, ending every rank of the job;
+    which rank and, a second later (so the launcher forwards the report),
+    calls ``MPI_Abort``, ending every rank of the job;
     ``"raise"`` raises :class:`DistributedTimeoutError` instead (the
     communicator is then unusable: the collective is still pending).
     """

@@ -176,7 +176,7 @@ class DistributedOptimizer(_Distributed):
             reproducible with any number of ranks; N times the host memory).
         timeout: seconds a collective may wait for the other ranks before the
             job is aborted (default 300, or ``NETCL_DISTRIBUTED_TIMEOUT``).
-        on_timeout: ``"abort"`` (default: ``MPI_Abort`` after printing what
+        on_timeout: ``"abort"`` (default: ``MPI_Abort`` a second after printing what
             timed out) or ``"raise"`` (:class:`DistributedTimeoutError`).
         check_consistency: ``True`` (every step) or ``k`` (every k-th step):
             verify that every rank holds identical parameters after the step
